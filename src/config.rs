@@ -1,0 +1,265 @@
+//! Daemon configuration, layered: built-in defaults ← TOML file ← `ENDPOINTS_OPERATOR_*`
+//! environment (nested keys joined by `__`, e.g. `ENDPOINTS_OPERATOR_STATUS__LISTEN`) ← flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/endpoints-operator/config.toml";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub status: StatusConfig,
+    #[serde(default)]
+    pub sources: SourcesConfig,
+    /// Target clusters. None listed: one cluster named `default` from the in-cluster
+    /// service account, else `$KUBECONFIG` / `~/.kube/config` and its current context.
+    #[serde(default)]
+    pub clusters: Vec<ClusterConfig>,
+    #[serde(default)]
+    pub probes: ProbesConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Address of the status page, JSON API and health endpoints.
+    pub listen: SocketAddr,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9480)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcesConfig {
+    /// Files, or folders of `*.yaml` / `*.yml` / `*.toml`, holding ClusterEndpoint definitions.
+    /// Relative paths are taken from the config file's folder.
+    pub paths: Vec<PathBuf>,
+    /// Also watch ClusterEndpoint objects in the target clusters.
+    #[serde(default)]
+    pub crd: bool,
+}
+
+impl Default for SourcesConfig {
+    fn default() -> Self {
+        SourcesConfig {
+            paths: vec![PathBuf::from("/etc/endpoints-operator/endpoints.d")],
+            crd: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub name: String,
+    /// Default: `$KUBECONFIG`, then `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Default: the kubeconfig's current context.
+    pub context: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbesConfig {
+    /// Probes in flight at once, across all targets.
+    pub concurrency: usize,
+}
+
+impl Default for ProbesConfig {
+    fn default() -> Self {
+        ProbesConfig { concurrency: 1000 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            status: StatusConfig::default(),
+            sources: SourcesConfig::default(),
+            clusters: Vec::new(),
+            probes: ProbesConfig::default(),
+        }
+    }
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {0}: not found")]
+    Missing(PathBuf),
+    #[error("{0}")]
+    Invalid(Box<figment::Error>),
+    #[error("config: {field} = {value:?}: {reason}")]
+    Field {
+        field: String,
+        value: String,
+        reason: String,
+    },
+}
+
+/// Loads the layered configuration. An explicitly named file must exist; the default path
+/// may be absent (defaults and environment then stand alone).
+pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+    let (file, explicit) = match path {
+        Some(p) => (p.to_path_buf(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    if explicit && !file.exists() {
+        return Err(ConfigError::Missing(file));
+    }
+    let mut figment =
+        Figment::from(Serialized::defaults(Config::default())).merge(Toml::file_exact(&file));
+    figment = figment.merge(
+        Env::prefixed("ENDPOINTS_OPERATOR_")
+            .filter(|k| k != "config")
+            .split("__"),
+    );
+    if let Some(listen) = overrides.listen {
+        figment = figment.merge(Serialized::default("status.listen", listen));
+    }
+    let mut config: Config = figment
+        .extract()
+        .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+    let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+    for p in &mut config.sources.paths {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    for c in &mut config.clusters {
+        if let Some(k) = c.kubeconfig.as_mut().filter(|k| k.is_relative()) {
+            *k = base.join(&*k);
+        }
+    }
+    validate(&config)?;
+    Ok(config)
+}
+
+fn validate(config: &Config) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, c) in config.clusters.iter().enumerate() {
+        let field = format!("clusters[{i}].name");
+        if c.name.is_empty() {
+            return Err(ConfigError::Field {
+                field,
+                value: c.name.clone(),
+                reason: "a cluster needs a name".into(),
+            });
+        }
+        if !seen.insert(&c.name) {
+            return Err(ConfigError::Field {
+                field,
+                value: c.name.clone(),
+                reason: "duplicate cluster name".into(),
+            });
+        }
+    }
+    if config.probes.concurrency == 0 {
+        return Err(ConfigError::Field {
+            field: "probes.concurrency".into(),
+            value: "0".into(),
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(())
+}
+
+impl Config {
+    /// The configured clusters, or the implicit one when none is listed.
+    pub fn target_clusters(&self) -> Vec<ClusterConfig> {
+        if self.clusters.is_empty() {
+            vec![ClusterConfig {
+                name: "default".into(),
+                kubeconfig: None,
+                context: None,
+            }]
+        } else {
+            self.clusters.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_file_overrides_defaults_and_relative_paths_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "[sources]\npaths = [\"endpoints.d\"]\n[[clusters]]\nname = \"east\"\nkubeconfig = \"kc\"\n",
+        );
+        let config = load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!(config.status.listen, "127.0.0.1:9480".parse().unwrap());
+        assert_eq!(config.sources.paths, [dir.path().join("endpoints.d")]);
+        assert_eq!(config.clusters[0].kubeconfig, Some(dir.path().join("kc")));
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[status]\nlisten = \"127.0.0.1:1\"\n");
+        let overrides = Overrides {
+            listen: Some("127.0.0.1:2".parse().unwrap()),
+        };
+        assert_eq!(
+            load(Some(&path), &overrides).unwrap().status.listen,
+            "127.0.0.1:2".parse().unwrap()
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[status]\nlisen = \"127.0.0.1:1\"\n");
+        let err = load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+        let err = load(Some(&dir.path().join("nope.toml")), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope.toml"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_cluster_names_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(
+            dir.path(),
+            "[[clusters]]\nname = \"a\"\n[[clusters]]\nname = \"a\"\n",
+        );
+        let err = load(Some(&path), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("clusters[1].name") && err.contains("duplicate"),
+            "{err}"
+        );
+    }
+}

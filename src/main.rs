@@ -1,0 +1,142 @@
+//! `endpoints-operator`: health-checked Services and EndpointSlices for hosts outside the cluster.
+
+mod config;
+mod daemon;
+mod model;
+mod probe;
+mod render;
+mod sink;
+mod sources;
+mod status;
+mod timefmt;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Overrides;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Health-checked Kubernetes Services and EndpointSlices for hosts outside the cluster"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "ENDPOINTS_OPERATOR_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: probe every host and keep each cluster's Services and EndpointSlices true.
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Status server address (overrides `status.listen`).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Validate the config and every definition file without touching the network; exit 1 on any problem.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Definition files or folders to check instead of `sources.paths`.
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// Daemon config file (TOML). Default: /etc/endpoints-operator/config.toml if it exists.
+    #[arg(long, short, env = "ENDPOINTS_OPERATOR_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let Cli {
+        command,
+        log_format,
+    } = Cli::parse();
+    init_tracing(log_format);
+    match command {
+        Command::Run { config, listen } => {
+            let config = match config::load(config.config.as_deref(), &Overrides { listen }) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            // One crypto stack for kube, reqwest and tonic.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match runtime.block_on(daemon::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Check { config, files } => check(config.config, files),
+    }
+}
+
+fn check(config_path: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
+    let paths = if files.is_empty() {
+        match config::load(config_path.as_deref(), &Overrides::default()) {
+            Ok(c) => c.sources.paths,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        files
+    };
+    let loaded = sources::files::load(&paths);
+    for problem in &loaded.problems {
+        eprintln!("error: {problem}");
+    }
+    let ports: usize = loaded.definitions.values().map(|d| d.ports.len()).sum();
+    let hosts: usize = loaded
+        .definitions
+        .values()
+        .flat_map(|d| &d.ports)
+        .map(|p| p.hosts.len())
+        .sum();
+    println!(
+        "{} file(s), {} definition(s), {ports} port(s), {hosts} host(s), {} problem(s)",
+        loaded.files.len(),
+        loaded.definitions.len(),
+        loaded.problems.len()
+    );
+    if loaded.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

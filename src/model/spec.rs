@@ -1,0 +1,113 @@
+//! The user-facing `ClusterEndpoint` spec, field for field as the original operator documents it.
+//! Files and (later) the CRD deserialize into these types; `model::validate` turns them into the
+//! trusted model. Nothing here is checked beyond its shape.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One `ClusterEndpoint` document as it appears in a YAML or TOML file.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Manifest {
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
+    pub metadata: Metadata,
+    pub spec: ClusterEndpointSpec,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: String,
+    pub namespace: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterEndpointSpec {
+    /// `None` makes the Service headless; anything else (or absent) lets the API server allocate.
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    pub period_seconds: Option<i64>,
+    #[serde(default)]
+    pub ports: Vec<PortSpec>,
+    /// Target clusters by name; absent means every configured cluster.
+    pub clusters: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSpec {
+    #[serde(default)]
+    pub name: String,
+    pub protocol: Option<String>,
+    pub port: i64,
+    pub target_port: Option<i64>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    pub timeout_seconds: Option<i64>,
+    pub success_threshold: Option<i64>,
+    pub failure_threshold: Option<i64>,
+    pub initial_delay_seconds: Option<i64>,
+    pub tcp_socket: Option<TcpSocketSpec>,
+    pub http_get: Option<HttpGetSpec>,
+    pub udp_socket: Option<UdpSocketSpec>,
+    pub grpc: Option<GrpcSpec>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSocketSpec {
+    /// Off unless set, as in the original operator: a probe block with `enable: false` is inert.
+    #[serde(default)]
+    pub enable: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpGetSpec {
+    pub path: Option<String>,
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub http_headers: Vec<HttpHeader>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHeader {
+    pub name: String,
+    #[serde(default)]
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UdpSocketSpec {
+    /// Off unless set, as in the original operator: a probe block with `enable: false` is inert.
+    #[serde(default)]
+    pub enable: bool,
+    pub data: Option<UdpData>,
+}
+
+/// The original schema said "byte array" while its own README example used a string: accept both.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum UdpData {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcSpec {
+    /// Off unless set, as in the original operator: a probe block with `enable: false` is inert.
+    #[serde(default)]
+    pub enable: bool,
+    pub service: Option<String>,
+}

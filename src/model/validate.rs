@@ -1,0 +1,626 @@
+//! The one conversion from the user-facing spec to the trusted model. It never fails as a whole:
+//! a bad host drops that host, a bad port drops that port, and only a definition without a usable
+//! identity or port is dropped entirely. Every drop is a [`Problem`] naming field and value.
+
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::spec::{Manifest, PortSpec, UdpData};
+use super::{Check, Definition, DefinitionKey, HttpCheck, Port, Protocol, Timing};
+
+pub const API_VERSION: &str = "sealos.io/v1beta1";
+pub const KIND: &str = "ClusterEndpoint";
+
+/// A finding about one field of one definition.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Problem {
+    /// File and document, or object reference.
+    pub origin: String,
+    /// Field path such as `spec.ports[1].hosts[0]`.
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.origin, self.field)?;
+        if !self.value.is_empty() {
+            write!(f, " = {:?}", self.value)?;
+        }
+        write!(f, ": {}", self.reason)
+    }
+}
+
+/// Collects problems with the origin filled in.
+struct Report<'a> {
+    origin: &'a str,
+    problems: Vec<Problem>,
+}
+
+impl Report<'_> {
+    fn add(
+        &mut self,
+        field: impl Into<String>,
+        value: impl fmt::Display,
+        reason: impl Into<String>,
+    ) {
+        self.problems.push(Problem {
+            origin: self.origin.to_string(),
+            field: field.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// Validates one manifest. Returns the definition (if anything usable is left) and every problem.
+pub fn validate(manifest: &Manifest, origin: &str) -> (Option<Definition>, Vec<Problem>) {
+    let mut report = Report {
+        origin,
+        problems: Vec::new(),
+    };
+    let definition = build_definition(manifest, &mut report);
+    (definition, report.problems)
+}
+
+fn build_definition(m: &Manifest, report: &mut Report) -> Option<Definition> {
+    if let Some(v) = &m.api_version
+        && v != API_VERSION
+    {
+        report.add("apiVersion", v, format!("expected {API_VERSION}"));
+        return None;
+    }
+    if let Some(k) = &m.kind
+        && k != KIND
+    {
+        report.add("kind", k, format!("expected {KIND}"));
+        return None;
+    }
+    let name = &m.metadata.name;
+    if let Err(reason) = dns_1035_label(name) {
+        report.add(
+            "metadata.name",
+            name,
+            format!("not usable as a Service name: {reason}"),
+        );
+        return None;
+    }
+    let namespace = m
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    if let Err(reason) = dns_1123_label(&namespace) {
+        report.add("metadata.namespace", &namespace, reason);
+        return None;
+    }
+
+    let spec = &m.spec;
+    let headless = match spec.cluster_ip.as_deref() {
+        None | Some("") => false,
+        Some("None") => true,
+        Some(other) => {
+            report.add(
+                "spec.clusterIP",
+                other,
+                "only \"None\" (headless) is supported; the API server allocates the ClusterIP",
+            );
+            false
+        }
+    };
+    let period = match seconds(spec.period_seconds, 10, 1, "spec.periodSeconds", report) {
+        Some(p) => p,
+        None => return None,
+    };
+    if spec.ports.is_empty() {
+        report.add("spec.ports", "[]", "at least one port is required");
+        return None;
+    }
+
+    let mut ports = Vec::new();
+    let mut names = HashSet::new();
+    let mut numbers = HashSet::new();
+    let multi = spec.ports.len() > 1;
+    for (i, p) in spec.ports.iter().enumerate() {
+        let field = format!("spec.ports[{i}]");
+        let Some(port) = build_port(p, &field, period, multi, report) else {
+            continue;
+        };
+        if !names.insert(port.name.clone()) {
+            report.add(format!("{field}.name"), &port.name, "duplicate port name");
+            continue;
+        }
+        if !numbers.insert((port.port, port.protocol)) {
+            report.add(
+                format!("{field}.port"),
+                port.port,
+                format!("duplicate {} port", port.protocol.as_str()),
+            );
+            continue;
+        }
+        ports.push(port);
+    }
+    if ports.is_empty() {
+        report.add(
+            "spec.ports",
+            "",
+            "no valid port left; the definition is skipped",
+        );
+        return None;
+    }
+
+    let clusters = spec.clusters.as_ref().map(|c| {
+        c.iter()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect()
+    });
+    Some(Definition {
+        key: DefinitionKey {
+            namespace,
+            name: name.clone(),
+        },
+        origin: report.origin.to_string(),
+        labels: m.metadata.labels.clone(),
+        annotations: m.metadata.annotations.clone(),
+        headless,
+        clusters,
+        ports,
+    })
+}
+
+fn build_port(
+    p: &PortSpec,
+    field: &str,
+    period: Duration,
+    multi: bool,
+    report: &mut Report,
+) -> Option<Port> {
+    let port = port_number(p.port, &format!("{field}.port"), report)?;
+    let target_port = match p.target_port {
+        None | Some(0) => port,
+        Some(t) => port_number(t, &format!("{field}.targetPort"), report)?,
+    };
+    let protocol = match p
+        .protocol
+        .as_deref()
+        .map(str::to_ascii_uppercase)
+        .as_deref()
+    {
+        None | Some("TCP") => Protocol::Tcp,
+        Some("UDP") => Protocol::Udp,
+        Some("SCTP") => Protocol::Sctp,
+        Some(_) => {
+            report.add(
+                format!("{field}.protocol"),
+                p.protocol.as_deref().unwrap_or(""),
+                "expected TCP, UDP or SCTP",
+            );
+            return None;
+        }
+    };
+    if p.name.is_empty() {
+        if multi {
+            report.add(
+                format!("{field}.name"),
+                "",
+                "a name is required when there is more than one port",
+            );
+            return None;
+        }
+    } else if let Err(reason) = dns_1123_label(&p.name) {
+        report.add(format!("{field}.name"), &p.name, reason);
+        return None;
+    }
+
+    let timing = Timing {
+        period,
+        timeout: seconds(
+            p.timeout_seconds,
+            1,
+            1,
+            &format!("{field}.timeoutSeconds"),
+            report,
+        )?,
+        initial_delay: seconds(
+            p.initial_delay_seconds,
+            0,
+            0,
+            &format!("{field}.initialDelaySeconds"),
+            report,
+        )?,
+        success_threshold: threshold(
+            p.success_threshold,
+            1,
+            &format!("{field}.successThreshold"),
+            report,
+        )?,
+        failure_threshold: threshold(
+            p.failure_threshold,
+            3,
+            &format!("{field}.failureThreshold"),
+            report,
+        )?,
+    };
+    let check = build_check(p, field, report)?.map(Arc::new);
+
+    let mut hosts = Vec::new();
+    for (j, raw) in p.hosts.iter().enumerate() {
+        let host_field = format!("{field}.hosts[{j}]");
+        match endpoint_ip(raw) {
+            Ok(ip) if hosts.contains(&ip) => report.add(host_field, raw, "duplicate host"),
+            Ok(ip) => hosts.push(ip),
+            Err(reason) => report.add(host_field, raw, reason),
+        }
+    }
+    Some(Port {
+        name: p.name.clone(),
+        protocol,
+        port,
+        target_port,
+        hosts,
+        check,
+        timing,
+    })
+}
+
+/// `Ok(None)` is a static port. More than one enabled probe is ambiguous and drops the port.
+fn build_check(p: &PortSpec, field: &str, report: &mut Report) -> Option<Option<Check>> {
+    let mut checks = Vec::new();
+    if p.tcp_socket.as_ref().is_some_and(|t| t.enable) {
+        checks.push(("tcpSocket", Check::Tcp));
+    }
+    if let Some(h) = &p.http_get {
+        let https = match h.scheme.as_deref().map(str::to_ascii_uppercase).as_deref() {
+            None | Some("") | Some("HTTP") => false,
+            Some("HTTPS") => true,
+            Some(_) => {
+                let value = h.scheme.as_deref().unwrap_or("");
+                report.add(
+                    format!("{field}.httpGet.scheme"),
+                    value,
+                    "expected HTTP or HTTPS",
+                );
+                return None;
+            }
+        };
+        let path = match h.path.as_deref() {
+            None | Some("") => "/".to_string(),
+            Some(p) if p.starts_with('/') => p.to_string(),
+            Some(p) => format!("/{p}"),
+        };
+        let mut headers = Vec::new();
+        for (k, header) in h.http_headers.iter().enumerate() {
+            if header.name.is_empty() || !header.name.bytes().all(is_token_byte) {
+                report.add(
+                    format!("{field}.httpGet.httpHeaders[{k}].name"),
+                    &header.name,
+                    "not a valid HTTP header name",
+                );
+                return None;
+            }
+            headers.push((header.name.clone(), header.value.clone()));
+        }
+        checks.push((
+            "httpGet",
+            Check::Http(HttpCheck {
+                https,
+                path,
+                headers,
+            }),
+        ));
+    }
+    if let Some(u) = p.udp_socket.as_ref().filter(|u| u.enable) {
+        let data = match &u.data {
+            None => Vec::new(),
+            Some(UdpData::Text(s)) => s.clone().into_bytes(),
+            Some(UdpData::Bytes(b)) => b.clone(),
+        };
+        checks.push(("udpSocket", Check::Udp(data)));
+    }
+    if let Some(g) = p.grpc.as_ref().filter(|g| g.enable) {
+        checks.push(("grpc", Check::Grpc(g.service.clone().unwrap_or_default())));
+    }
+    match checks.len() {
+        0 | 1 => Some(checks.pop().map(|(_, c)| c)),
+        _ => {
+            let kinds: Vec<_> = checks.iter().map(|(k, _)| *k).collect();
+            report.add(
+                field.to_string(),
+                kinds.join(", "),
+                "more than one probe is enabled; enable exactly one",
+            );
+            None
+        }
+    }
+}
+
+/// An address the API server accepts in an EndpointSlice or Endpoints, in canonical form.
+pub fn endpoint_ip(raw: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = raw.trim().parse().map_err(|_| {
+        "not an IP address (host names are not resolved; list the addresses)".to_string()
+    })?;
+    let reason = match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => "the unspecified address cannot be an endpoint",
+        IpAddr::V4(v4) if v4.is_loopback() => "loopback addresses cannot be endpoints",
+        IpAddr::V4(v4) if v4.is_link_local() => "link-local addresses cannot be endpoints",
+        IpAddr::V4(v4) if v4.is_multicast() || v4.is_broadcast() => {
+            "multicast and broadcast addresses cannot be endpoints"
+        }
+        IpAddr::V6(v6) if v6.is_unspecified() => "the unspecified address cannot be an endpoint",
+        IpAddr::V6(v6) if v6.is_loopback() => "loopback addresses cannot be endpoints",
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => "link-local addresses cannot be endpoints",
+        IpAddr::V6(v6) if v6.is_multicast() => "multicast addresses cannot be endpoints",
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            "IPv4-mapped IPv6 addresses are ambiguous; write the IPv4 address"
+        }
+        _ => return Ok(ip),
+    };
+    Err(reason.to_string())
+}
+
+fn port_number(value: i64, field: &str, report: &mut Report) -> Option<u16> {
+    match u16::try_from(value) {
+        Ok(p) if p > 0 => Some(p),
+        _ => {
+            report.add(field, value, "must be between 1 and 65535");
+            None
+        }
+    }
+}
+
+fn seconds(
+    value: Option<i64>,
+    default: u64,
+    min: i64,
+    field: &str,
+    report: &mut Report,
+) -> Option<Duration> {
+    match value {
+        None => Some(Duration::from_secs(default)),
+        Some(v) if v >= min && v <= 86_400 => Some(Duration::from_secs(v as u64)),
+        Some(v) => {
+            report.add(field, v, format!("must be between {min} and 86400 seconds"));
+            None
+        }
+    }
+}
+
+fn threshold(value: Option<i64>, default: u32, field: &str, report: &mut Report) -> Option<u32> {
+    match value {
+        None => Some(default),
+        Some(v) if (1..=1000).contains(&v) => Some(v as u32),
+        Some(v) => {
+            report.add(field, v, "must be between 1 and 1000");
+            None
+        }
+    }
+}
+
+fn dns_1123_label(s: &str) -> Result<(), String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1-63 lowercase letters, digits or '-', starting and ending with a letter or digit".into())
+    }
+}
+
+fn dns_1035_label(s: &str) -> Result<(), String> {
+    dns_1123_label(s)?;
+    if s.starts_with(|c: char| c.is_ascii_lowercase()) {
+        Ok(())
+    } else {
+        Err("must start with a lowercase letter".into())
+    }
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::spec::{ClusterEndpointSpec, HttpGetSpec, Metadata, TcpSocketSpec};
+
+    fn manifest(ports: Vec<PortSpec>) -> Manifest {
+        Manifest {
+            api_version: Some(API_VERSION.into()),
+            kind: Some(KIND.into()),
+            metadata: Metadata {
+                name: "db".into(),
+                namespace: Some("prod".into()),
+                ..Default::default()
+            },
+            spec: ClusterEndpointSpec {
+                ports,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn tcp_port(name: &str, port: i64, hosts: &[&str]) -> PortSpec {
+        PortSpec {
+            name: name.into(),
+            port,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            tcp_socket: Some(TcpSocketSpec { enable: true }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_original_operator() {
+        let (def, problems) =
+            validate(&manifest(vec![tcp_port("", 5432, &["10.0.0.1"])]), "f.yaml");
+        assert!(problems.is_empty(), "{problems:?}");
+        let port = &def.unwrap().ports[0];
+        assert_eq!(port.target_port, 5432);
+        assert_eq!(port.protocol, Protocol::Tcp);
+        assert_eq!(
+            port.timing,
+            Timing {
+                period: Duration::from_secs(10),
+                timeout: Duration::from_secs(1),
+                initial_delay: Duration::ZERO,
+                success_threshold: 1,
+                failure_threshold: 3
+            }
+        );
+        assert_eq!(port.check.as_deref(), Some(&Check::Tcp));
+    }
+
+    #[test]
+    fn each_invalid_host_is_reported_and_the_rest_are_kept() {
+        let hosts = [
+            "10.240.0.2",
+            "127.0.0.1",
+            "db-replica.internal",
+            "169.254.10.10",
+            "10.240.0.3",
+            "::1",
+            "fe80::1",
+            "224.0.0.5",
+            "0.0.0.0",
+            "10.240.0.2",
+        ];
+        let (def, problems) = validate(&manifest(vec![tcp_port("pg", 5432, &hosts)]), "f.yaml");
+        let kept: Vec<String> = def.unwrap().ports[0]
+            .hosts
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(kept, ["10.240.0.2", "10.240.0.3"]);
+        let reported: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.field.as_str(), p.value.as_str()))
+            .collect();
+        assert_eq!(
+            reported,
+            [
+                ("spec.ports[0].hosts[1]", "127.0.0.1"),
+                ("spec.ports[0].hosts[2]", "db-replica.internal"),
+                ("spec.ports[0].hosts[3]", "169.254.10.10"),
+                ("spec.ports[0].hosts[5]", "::1"),
+                ("spec.ports[0].hosts[6]", "fe80::1"),
+                ("spec.ports[0].hosts[7]", "224.0.0.5"),
+                ("spec.ports[0].hosts[8]", "0.0.0.0"),
+                ("spec.ports[0].hosts[9]", "10.240.0.2"),
+            ]
+        );
+        assert!(problems[1].reason.contains("not an IP address"));
+        assert!(problems.iter().all(|p| p.origin == "f.yaml"));
+    }
+
+    #[test]
+    fn ipv6_hosts_are_kept_in_canonical_form() {
+        assert_eq!(
+            endpoint_ip("2001:DB8:0:0::1").unwrap().to_string(),
+            "2001:db8::1"
+        );
+        assert!(endpoint_ip("::ffff:10.0.0.1").is_err());
+        assert!(endpoint_ip("010.0.0.1").is_err());
+    }
+
+    #[test]
+    fn a_bad_port_drops_only_that_port() {
+        let ports = vec![
+            tcp_port("ok", 80, &["10.0.0.1"]),
+            tcp_port("bad", 70000, &["10.0.0.1"]),
+        ];
+        let (def, problems) = validate(&manifest(ports), "f.yaml");
+        assert_eq!(def.unwrap().ports.len(), 1);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(
+            (problems[0].field.as_str(), problems[0].value.as_str()),
+            ("spec.ports[1].port", "70000")
+        );
+    }
+
+    #[test]
+    fn http_scheme_is_optional_and_case_insensitive() {
+        let mut port = tcp_port("web", 80, &["10.0.0.1"]);
+        port.tcp_socket = None;
+        port.http_get = Some(HttpGetSpec {
+            path: Some("healthz".into()),
+            ..Default::default()
+        });
+        let (def, _) = validate(&manifest(vec![port.clone()]), "f");
+        assert_eq!(
+            def.unwrap().ports[0].check.as_deref(),
+            Some(&Check::Http(HttpCheck {
+                https: false,
+                path: "/healthz".into(),
+                headers: vec![]
+            }))
+        );
+        port.http_get.as_mut().unwrap().scheme = Some("https".into());
+        let (def, _) = validate(&manifest(vec![port.clone()]), "f");
+        assert_eq!(
+            def.unwrap().ports[0].check.as_ref().unwrap().kind(),
+            "https"
+        );
+        port.http_get.as_mut().unwrap().scheme = Some("ftp".into());
+        let (def, problems) = validate(&manifest(vec![port]), "f");
+        assert!(def.is_none());
+        assert_eq!(problems[0].field, "spec.ports[0].httpGet.scheme");
+    }
+
+    #[test]
+    fn a_disabled_probe_makes_a_static_port_and_two_probes_are_ambiguous() {
+        let mut port = tcp_port("p", 80, &["10.0.0.1"]);
+        port.tcp_socket = Some(TcpSocketSpec { enable: false });
+        let (def, _) = validate(&manifest(vec![port.clone()]), "f");
+        assert_eq!(def.unwrap().ports[0].check, None);
+        port.tcp_socket = Some(TcpSocketSpec { enable: true });
+        port.http_get = Some(HttpGetSpec::default());
+        let (def, problems) = validate(&manifest(vec![port]), "f");
+        assert!(def.is_none());
+        assert_eq!(problems[0].value, "tcpSocket, httpGet");
+    }
+
+    #[test]
+    fn names_and_thresholds_are_checked() {
+        let mut m = manifest(vec![
+            tcp_port("a", 80, &[]),
+            tcp_port("a", 81, &[]),
+            tcp_port("", 82, &[]),
+            tcp_port("a", 83, &[]),
+        ]);
+        m.spec.ports[0].failure_threshold = Some(0);
+        m.spec.period_seconds = Some(5);
+        let (def, problems) = validate(&m, "f");
+        let fields: Vec<&str> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.ports[0].failureThreshold",
+                "spec.ports[2].name",
+                "spec.ports[3].name"
+            ]
+        );
+        assert_eq!(problems[2].reason, "duplicate port name");
+        assert_eq!(
+            def.unwrap()
+                .ports
+                .iter()
+                .map(|p| p.port)
+                .collect::<Vec<_>>(),
+            [81]
+        );
+        m.metadata.name = "1db".into();
+        let (_, problems) = validate(&m, "f");
+        assert_eq!(problems[0].field, "metadata.name");
+    }
+}

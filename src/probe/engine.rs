@@ -1,0 +1,240 @@
+//! The scheduler: one task per (definition, port, host), each on its own period from a random
+//! offset, sharing a global concurrency limit. Probing never happens in the apply path; sinks
+//! learn about readiness changes from a broadcast of definition keys.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use rand::Rng;
+use serde::Serialize;
+use tokio::sync::{Semaphore, broadcast};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{info, warn};
+
+use super::state::{HostState, Readiness, Thresholds};
+use super::{Outcome, probe};
+use crate::model::{Check, Definition, DefinitionKey, Timing};
+
+/// One probed host on one port of one definition.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct TargetKey {
+    pub definition: DefinitionKey,
+    pub port: String,
+    pub host: IpAddr,
+}
+
+/// What is probed and how; a change to any of it restarts the target with fresh state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct TargetSpec {
+    check: Arc<Check>,
+    timing: Timing,
+    addr: SocketAddr,
+}
+
+/// Everything known about one target, for the renderer and the status page.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TargetHealth {
+    #[serde(flatten)]
+    pub state: HostState,
+    /// When the readiness last changed (or the target started).
+    #[serde(serialize_with = "crate::timefmt::rfc3339")]
+    pub since: SystemTime,
+    #[serde(serialize_with = "crate::timefmt::rfc3339_opt")]
+    pub last_probe: Option<SystemTime>,
+    pub last_latency_ms: Option<f64>,
+    /// Bounded reason label of the last failure, if the last probe failed.
+    pub last_result: Option<&'static str>,
+    pub last_error: Option<String>,
+}
+
+/// Health of every target, shared by the engine (writer), sinks and status server (readers).
+#[derive(Debug, Default)]
+pub struct HealthBoard {
+    targets: Mutex<HashMap<TargetKey, TargetHealth>>,
+}
+
+impl HealthBoard {
+    pub fn readiness(&self, key: &TargetKey) -> Readiness {
+        self.lock()
+            .get(key)
+            .map_or(Readiness::Unknown, |h| h.state.readiness)
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<TargetKey, TargetHealth> {
+        self.lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TargetKey, TargetHealth>> {
+        // A panic elsewhere must not take the status page down with it.
+        self.targets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn start(&self, key: &TargetKey) {
+        let health = TargetHealth {
+            state: HostState::default(),
+            since: SystemTime::now(),
+            last_probe: None,
+            last_latency_ms: None,
+            last_result: None,
+            last_error: None,
+        };
+        self.lock().insert(key.clone(), health);
+    }
+
+    /// Returns the new readiness when this outcome changed it.
+    fn record(
+        &self,
+        key: &TargetKey,
+        outcome: &Outcome,
+        thresholds: Thresholds,
+    ) -> Option<Readiness> {
+        let mut targets = self.lock();
+        let health = targets.get_mut(key)?;
+        let now = SystemTime::now();
+        let changed = health.state.record(outcome.result.is_ok(), thresholds);
+        if changed.is_some() {
+            health.since = now;
+        }
+        health.last_probe = Some(now);
+        health.last_latency_ms = Some(outcome.latency.as_secs_f64() * 1000.0);
+        health.last_result = Some(
+            outcome
+                .result
+                .as_ref()
+                .map_or_else(|f| f.label(), |()| "success"),
+        );
+        health.last_error = outcome.result.as_ref().err().map(ToString::to_string);
+        changed
+    }
+
+    fn remove(&self, key: &TargetKey) {
+        self.lock().remove(key);
+    }
+}
+
+pub struct Engine {
+    board: Arc<HealthBoard>,
+    limit: Arc<Semaphore>,
+    changes: broadcast::Sender<DefinitionKey>,
+    running: HashMap<TargetKey, (TargetSpec, JoinHandle<()>)>,
+}
+
+impl Engine {
+    /// `concurrency` bounds probes in flight across all targets.
+    pub fn new(concurrency: usize, changes: broadcast::Sender<DefinitionKey>) -> Self {
+        Engine {
+            board: Arc::new(HealthBoard::default()),
+            limit: Arc::new(Semaphore::new(concurrency.max(1))),
+            changes,
+            running: HashMap::new(),
+        }
+    }
+
+    pub fn board(&self) -> Arc<HealthBoard> {
+        self.board.clone()
+    }
+
+    /// Brings the running targets in line with the definitions: unchanged targets keep their
+    /// state and schedule, changed ones restart, removed ones stop and forget their health.
+    pub fn reconcile<'a>(&mut self, definitions: impl IntoIterator<Item = &'a Definition>) {
+        let wanted = targets_of(definitions);
+        self.running.retain(|key, (spec, task)| {
+            let keep = wanted.get(key) == Some(spec);
+            if !keep {
+                task.abort();
+                self.board.remove(key);
+            }
+            keep
+        });
+        for (key, spec) in wanted {
+            if self.running.contains_key(&key) {
+                continue;
+            }
+            self.board.start(&key);
+            let task = tokio::spawn(run_target(
+                key.clone(),
+                spec.clone(),
+                self.board.clone(),
+                self.limit.clone(),
+                self.changes.clone(),
+            ));
+            self.running.insert(key, (spec, task));
+        }
+    }
+
+    pub fn shutdown(&mut self) {
+        for (_, (_, task)) in self.running.drain() {
+            task.abort();
+        }
+    }
+}
+
+fn targets_of<'a>(
+    definitions: impl IntoIterator<Item = &'a Definition>,
+) -> HashMap<TargetKey, TargetSpec> {
+    let mut targets = HashMap::new();
+    for def in definitions {
+        for port in &def.ports {
+            let Some(check) = &port.check else { continue };
+            for host in &port.hosts {
+                let key = TargetKey {
+                    definition: def.key.clone(),
+                    port: port.name.clone(),
+                    host: *host,
+                };
+                let spec = TargetSpec {
+                    check: check.clone(),
+                    timing: port.timing,
+                    addr: SocketAddr::new(*host, port.target_port),
+                };
+                targets.insert(key, spec);
+            }
+        }
+    }
+    targets
+}
+
+async fn run_target(
+    key: TargetKey,
+    spec: TargetSpec,
+    board: Arc<HealthBoard>,
+    limit: Arc<Semaphore>,
+    changes: broadcast::Sender<DefinitionKey>,
+) {
+    let period = spec.timing.period;
+    // A random offset spreads thousands of targets over the period instead of bursting at once.
+    let offset = period.mul_f64(rand::rng().random::<f64>());
+    let first = Instant::now() + spec.timing.initial_delay + offset;
+    let mut ticks = tokio::time::interval_at(first, period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let thresholds = Thresholds {
+        success: spec.timing.success_threshold,
+        failure: spec.timing.failure_threshold,
+    };
+    loop {
+        ticks.tick().await;
+        let Ok(_permit) = limit.acquire().await else {
+            return;
+        };
+        let outcome = probe(&spec.check, spec.addr, spec.timing.timeout).await;
+        if let Some(readiness) = board.record(&key, &outcome, thresholds) {
+            match &outcome.result {
+                Ok(()) => {
+                    info!(target = %key.definition, port = %key.port, host = %key.host, ?readiness, "host readiness changed")
+                }
+                Err(e) => {
+                    warn!(target = %key.definition, port = %key.port, host = %key.host, ?readiness, error = %e, "host readiness changed")
+                }
+            }
+            // No receiver just means no sink is running yet; the sinks read the board on start.
+            let _ = changes.send(key.definition.clone());
+        }
+    }
+}

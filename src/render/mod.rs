@@ -1,0 +1,340 @@
+//! Pure rendering: a definition plus host readiness becomes the Service, EndpointSlices and
+//! Endpoints to apply. Deterministic names and sorted content, so equal input renders equal
+//! objects and an unchanged world causes no writes.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{
+    EndpointAddress, EndpointPort, EndpointSubset, Endpoints, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::model::{Definition, Port};
+
+/// Field manager for server-side apply.
+pub const FIELD_MANAGER: &str = "endpoints-operator";
+/// Marks every object this daemon writes, so pruning never touches anyone else's.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "endpoints-operator";
+/// EndpointSlice controller id; kube-proxy and the mirroring controller read this label.
+pub const SLICE_MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+pub const SLICE_CONTROLLER: &str = "endpoints-operator.sealos.io";
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Keeps the mirroring controller from copying our Endpoints into duplicate slices.
+pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
+
+/// Everything one definition puts into one cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objects {
+    pub service: Service,
+    pub slices: Vec<EndpointSlice>,
+    pub endpoints: Endpoints,
+}
+
+/// Renders the objects; `ready` answers for probed hosts (static ports are always ready).
+pub fn render(def: &Definition, ready: impl Fn(&Port, IpAddr) -> bool) -> Objects {
+    let is_ready = |port: &Port, host: IpAddr| port.check.is_none() || ready(port, host);
+    Objects {
+        service: service(def),
+        slices: slices(def, &is_ready),
+        endpoints: endpoints(def, &is_ready),
+    }
+}
+
+fn meta(def: &Definition, name: String, extra: &[(&str, &str)]) -> ObjectMeta {
+    let mut labels = def.labels.clone();
+    labels.insert(MANAGED_BY_LABEL.into(), MANAGED_BY_VALUE.into());
+    for (k, v) in extra {
+        labels.insert((*k).into(), (*v).into());
+    }
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(def.key.namespace.clone()),
+        labels: Some(labels),
+        ..Default::default()
+    }
+}
+
+fn service(def: &Definition) -> Service {
+    let mut metadata = meta(def, def.key.name.clone(), &[]);
+    if !def.annotations.is_empty() {
+        metadata.annotations = Some(def.annotations.clone());
+    }
+    let ports = def
+        .ports
+        .iter()
+        .map(|p| ServicePort {
+            name: non_empty(&p.name),
+            protocol: Some(p.protocol.as_str().into()),
+            port: p.port.into(),
+            target_port: Some(IntOrString::Int(p.target_port.into())),
+            ..Default::default()
+        })
+        .collect();
+    Service {
+        metadata,
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: def.headless.then(|| "None".into()),
+            ports: Some(ports),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+/// The name of the slice for one port and address family, stable across runs.
+pub fn slice_name(def: &Definition, port: &Port, family: Family) -> String {
+    let port_part = if port.name.is_empty() {
+        port.port.to_string()
+    } else {
+        port.name.clone()
+    };
+    format!("{}-{}-{}", def.key.name, port_part, family.suffix())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn of(ip: IpAddr) -> Family {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        }
+    }
+    fn address_type(self) -> &'static str {
+        match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        }
+    }
+}
+
+/// One slice per (port, family): every endpoint in a slice shares its ports, and each port has
+/// its own hosts. Unhealthy hosts stay listed with `ready: false`.
+fn slices(def: &Definition, is_ready: &impl Fn(&Port, IpAddr) -> bool) -> Vec<EndpointSlice> {
+    let mut out = Vec::new();
+    for port in &def.ports {
+        let mut by_family: BTreeMap<Family, Vec<IpAddr>> = BTreeMap::new();
+        for host in &port.hosts {
+            by_family.entry(Family::of(*host)).or_default().push(*host);
+        }
+        for (family, mut hosts) in by_family {
+            hosts.sort();
+            let endpoints = hosts
+                .iter()
+                .map(|h| {
+                    let ready = is_ready(port, *h);
+                    Endpoint {
+                        addresses: vec![h.to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: Some(ready),
+                            serving: Some(ready),
+                            terminating: Some(false),
+                        }),
+                        ..Default::default()
+                    }
+                })
+                .collect();
+            let extra = [
+                (SERVICE_NAME_LABEL, def.key.name.as_str()),
+                (SLICE_MANAGED_BY_LABEL, SLICE_CONTROLLER),
+            ];
+            out.push(EndpointSlice {
+                metadata: meta(def, slice_name(def, port, family), &extra),
+                address_type: family.address_type().into(),
+                endpoints: Some(endpoints),
+                ports: Some(vec![SlicePort {
+                    name: Some(port.name.clone()),
+                    port: Some(port.target_port.into()),
+                    protocol: Some(port.protocol.as_str().into()),
+                    app_protocol: None,
+                }]),
+            });
+        }
+    }
+    out
+}
+
+/// Legacy Endpoints: one subset per port (with at least one host), ready and not-ready split.
+fn endpoints(def: &Definition, is_ready: &impl Fn(&Port, IpAddr) -> bool) -> Endpoints {
+    let subsets = def
+        .ports
+        .iter()
+        .filter(|p| !p.hosts.is_empty())
+        .map(|port| {
+            let mut hosts = port.hosts.clone();
+            hosts.sort();
+            let address = |h: &IpAddr| EndpointAddress {
+                ip: h.to_string(),
+                ..Default::default()
+            };
+            let (ready, not_ready): (Vec<IpAddr>, Vec<IpAddr>) =
+                hosts.iter().partition(|h| is_ready(port, **h));
+            EndpointSubset {
+                addresses: non_empty_vec(ready.iter().map(address).collect()),
+                not_ready_addresses: non_empty_vec(not_ready.iter().map(address).collect()),
+                ports: Some(vec![EndpointPort {
+                    name: non_empty(&port.name),
+                    port: port.target_port.into(),
+                    protocol: Some(port.protocol.as_str().into()),
+                    app_protocol: None,
+                }]),
+            }
+        })
+        .collect::<Vec<_>>();
+    Endpoints {
+        metadata: meta(def, def.key.name.clone(), &[(SKIP_MIRROR_LABEL, "true")]),
+        subsets: non_empty_vec(subsets),
+    }
+}
+
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
+}
+
+fn non_empty_vec<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::spec::Manifest;
+    use crate::sources::files::parse_yaml;
+
+    fn definition(yaml: &str) -> Definition {
+        let manifest: Manifest = parse_yaml(yaml).unwrap().remove(0);
+        let (def, problems) = crate::model::validate(&manifest, "test");
+        assert!(problems.is_empty(), "{problems:?}");
+        def.unwrap()
+    }
+
+    const TWO_PORTS: &str = "
+metadata: {name: db, namespace: prod, labels: {team: data}}
+spec:
+  ports:
+    - {name: pg, port: 5432, targetPort: 15432, hosts: [10.0.0.9, 10.0.0.1, 2001:db8::1], tcpSocket: {enable: true}}
+    - {name: metrics, port: 9187, hosts: [10.0.0.1]}
+";
+
+    #[test]
+    fn the_service_has_no_selector_and_every_port() {
+        let objects = render(&definition(TWO_PORTS), |_, _| true);
+        let spec = objects.service.spec.unwrap();
+        assert!(spec.selector.is_none());
+        assert_eq!(spec.cluster_ip, None);
+        let ports: Vec<_> = spec
+            .ports
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone().unwrap(),
+                    p.port,
+                    p.target_port.clone().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("pg".into(), 5432, IntOrString::Int(15432)),
+                ("metrics".into(), 9187, IntOrString::Int(9187))
+            ]
+        );
+        let labels = objects.service.metadata.labels.unwrap();
+        assert_eq!(labels["team"], "data");
+        assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
+    }
+
+    #[test]
+    fn one_slice_per_port_and_family_with_sorted_single_address_endpoints() {
+        let objects = render(&definition(TWO_PORTS), |_, ip| {
+            ip != "10.0.0.9".parse::<IpAddr>().unwrap()
+        });
+        let names: Vec<_> = objects
+            .slices
+            .iter()
+            .map(|s| s.metadata.name.clone().unwrap())
+            .collect();
+        assert_eq!(names, ["db-pg-ipv4", "db-pg-ipv6", "db-metrics-ipv4"]);
+        let pg4 = &objects.slices[0];
+        assert_eq!(pg4.address_type, "IPv4");
+        let rows: Vec<_> = pg4
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|e| (e.addresses.clone(), e.conditions.as_ref().unwrap().ready))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (vec!["10.0.0.1".to_string()], Some(true)),
+                (vec!["10.0.0.9".to_string()], Some(false))
+            ]
+        );
+        assert_eq!(pg4.ports.as_ref().unwrap()[0].port, Some(15432));
+        let labels = pg4.metadata.labels.as_ref().unwrap();
+        assert_eq!(labels[SERVICE_NAME_LABEL], "db");
+        assert_eq!(labels[SLICE_MANAGED_BY_LABEL], SLICE_CONTROLLER);
+    }
+
+    #[test]
+    fn endpoints_split_ready_and_not_ready_and_skip_mirroring() {
+        let objects = render(&definition(TWO_PORTS), |_, ip| {
+            ip != "10.0.0.9".parse::<IpAddr>().unwrap()
+        });
+        assert_eq!(
+            objects.endpoints.metadata.labels.as_ref().unwrap()[SKIP_MIRROR_LABEL],
+            "true"
+        );
+        let subsets = objects.endpoints.subsets.unwrap();
+        let ips = |a: &Option<Vec<EndpointAddress>>| {
+            a.iter().flatten().map(|a| a.ip.clone()).collect::<Vec<_>>()
+        };
+        assert_eq!(ips(&subsets[0].addresses), ["10.0.0.1", "2001:db8::1"]);
+        assert_eq!(ips(&subsets[0].not_ready_addresses), ["10.0.0.9"]);
+        assert_eq!(subsets[0].ports.as_ref().unwrap()[0].port, 15432);
+    }
+
+    #[test]
+    fn a_static_port_is_ready_whatever_the_board_says() {
+        let objects = render(&definition(TWO_PORTS), |_, _| false);
+        let metrics = &objects.slices[2];
+        assert_eq!(
+            metrics.endpoints.as_ref().unwrap()[0]
+                .conditions
+                .as_ref()
+                .unwrap()
+                .ready,
+            Some(true)
+        );
+    }
+
+    #[test]
+    fn headless_sets_cluster_ip_none_and_rendering_is_deterministic() {
+        let def = definition(
+            "metadata: {name: h}\nspec:\n  clusterIP: None\n  ports: [{port: 80, hosts: [10.0.0.2]}]\n",
+        );
+        let a = render(&def, |_, _| true);
+        assert_eq!(
+            a.service.spec.as_ref().unwrap().cluster_ip.as_deref(),
+            Some("None")
+        );
+        assert_eq!(a.slices[0].metadata.name.as_deref(), Some("h-80-ipv4"));
+        assert_eq!(a, render(&def, |_, _| true));
+    }
+}
