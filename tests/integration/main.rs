@@ -1,0 +1,19 @@
+//! Integration tests against a real control plane and test hosts in network namespaces.
+//!
+//! One control plane (context "test") is shared by every trial. To add a feature's tests, create a
+//! module here that exports `pub fn cases() -> Vec<support::Case>` and list it in [`SUITES`].
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod daemon;
+mod smoke;
+
+use std::process::ExitCode;
+
+/// The cases of every test module of this binary.
+const SUITES: &[fn() -> Vec<support::Case>] = &[smoke::cases, daemon::cases];
+
+fn main() -> ExitCode {
+    support::harness::run("test", SUITES)
+}

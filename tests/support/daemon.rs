@@ -1,0 +1,117 @@
+//! The real `endpoints-operator` binary run as users run it: a config file pointing at the test
+//! control plane, a folder of definitions, and the status API on a free loopback port.
+
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use super::ControlPlane;
+use super::process::{Component, Spawner};
+
+pub struct Daemon {
+    // Field order matters: the process stops before its folder goes away.
+    component: Component,
+    _spawner: Spawner,
+    status: SocketAddr,
+    definitions: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+/// The compiled daemon, as cargo builds it for integration tests.
+pub fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_endpoints-operator"))
+}
+
+impl Daemon {
+    /// Starts `run` with one cluster (the control plane) and the given definition files.
+    pub fn start(cp: &ControlPlane, files: &[(&str, String)]) -> Result<Daemon> {
+        let dir = tempfile::Builder::new().prefix("eo-daemon-").tempdir()?;
+        let definitions = dir.path().join("endpoints.d");
+        std::fs::create_dir(&definitions)?;
+        for (name, text) in files {
+            std::fs::write(definitions.join(name), text)?;
+        }
+        let status = free_port()?;
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[status]\nlisten = \"{status}\"\n[sources]\npaths = [\"endpoints.d\"]\n\
+                 [[clusters]]\nname = \"{}\"\nkubeconfig = \"{}\"\n",
+                cp.name(),
+                cp.kubeconfig_path().display()
+            ),
+        )?;
+        let spawner = Spawner::new()?;
+        let args = vec![
+            "run".to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        let component = Component::start(
+            &spawner,
+            "endpoints-operator",
+            binary(),
+            &args,
+            dir.path().join("daemon.log"),
+        )?;
+        Ok(Daemon {
+            component,
+            _spawner: spawner,
+            status,
+            definitions,
+            dir,
+        })
+    }
+
+    pub fn definitions_dir(&self) -> &Path {
+        &self.definitions
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.component.log_tail(lines)
+    }
+
+    /// `GET /api/v1/status`, waiting for the server to come up.
+    pub async fn status(&self) -> Result<serde_json::Value> {
+        let url = format!("http://{}/api/v1/status", self.status);
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match client.get(&url).send().await {
+                Ok(r) => {
+                    return Ok(serde_json::from_slice(
+                        &r.error_for_status()?.bytes().await?,
+                    )?);
+                }
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    return Err(e).with_context(|| {
+                        format!("status API never answered\n{}", self.log_tail(30))
+                    });
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn free_port() -> Result<SocketAddr> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    Ok(listener.local_addr()?)
+}
+
+/// Runs `endpoints-operator ARGS…` to completion: (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(binary()).args(args).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
