@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/endpoints-operator/config.toml";
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -80,17 +80,6 @@ pub struct ProbesConfig {
 impl Default for ProbesConfig {
     fn default() -> Self {
         ProbesConfig { concurrency: 1000 }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            status: StatusConfig::default(),
-            sources: SourcesConfig::default(),
-            clusters: Vec::new(),
-            probes: ProbesConfig::default(),
-        }
     }
 }
 

@@ -112,10 +112,7 @@ fn build_definition(m: &Manifest, report: &mut Report) -> Option<Definition> {
             false
         }
     };
-    let period = match seconds(spec.period_seconds, 10, 1, "spec.periodSeconds", report) {
-        Some(p) => p,
-        None => return None,
-    };
+    let period = seconds(spec.period_seconds, 10, 1, "spec.periodSeconds", report)?;
     if spec.ports.is_empty() {
         report.add("spec.ports", "[]", "at least one port is required");
         return None;

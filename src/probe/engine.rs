@@ -88,15 +88,23 @@ impl HealthBoard {
         self.lock().insert(key.clone(), health);
     }
 
-    /// Returns the new readiness when this outcome changed it.
+    /// Whether the target has at least one probe result.
+    pub fn probed(&self, key: &TargetKey) -> bool {
+        self.lock().get(key).is_some_and(|h| h.last_probe.is_some())
+    }
+
+    /// Records an outcome; returns (new readiness if it changed, whether this was the first result).
     fn record(
         &self,
         key: &TargetKey,
         outcome: &Outcome,
         thresholds: Thresholds,
-    ) -> Option<Readiness> {
+    ) -> (Option<Readiness>, bool) {
         let mut targets = self.lock();
-        let health = targets.get_mut(key)?;
+        let Some(health) = targets.get_mut(key) else {
+            return (None, false);
+        };
+        let first = health.last_probe.is_none();
         let now = SystemTime::now();
         let changed = health.state.record(outcome.result.is_ok(), thresholds);
         if changed.is_some() {
@@ -111,7 +119,7 @@ impl HealthBoard {
                 .map_or_else(|f| f.label(), |()| "success"),
         );
         health.last_error = outcome.result.as_ref().err().map(ToString::to_string);
-        changed
+        (changed, first)
     }
 
     fn remove(&self, key: &TargetKey) {
@@ -224,7 +232,8 @@ async fn run_target(
             return;
         };
         let outcome = probe(&spec.check, spec.addr, spec.timing.timeout).await;
-        if let Some(readiness) = board.record(&key, &outcome, thresholds) {
+        let (changed, first) = board.record(&key, &outcome, thresholds);
+        if let Some(readiness) = changed {
             match &outcome.result {
                 Ok(()) => {
                     info!(target = %key.definition, port = %key.port, host = %key.host, ?readiness, "host readiness changed")
@@ -233,6 +242,9 @@ async fn run_target(
                     warn!(target = %key.definition, port = %key.port, host = %key.host, ?readiness, error = %e, "host readiness changed")
                 }
             }
+        }
+        // The first result matters too: sinks hold a new definition back until its hosts are probed.
+        if changed.is_some() || first {
             // No receiver just means no sink is running yet; the sinks read the board on start.
             let _ = changes.send(key.definition.clone());
         }

@@ -15,6 +15,7 @@ use kube::{Api, Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, instrument, warn};
 
 use crate::config::ClusterConfig;
@@ -80,6 +81,23 @@ pub struct ClusterSink {
     board: Arc<HealthBoard>,
     status: Arc<Mutex<ClusterStatus>>,
     applied: HashMap<DefinitionKey, Applied>,
+    /// When each not-yet-applied definition was first seen, for [`Self::hold_back`].
+    first_seen: HashMap<DefinitionKey, Instant>,
+}
+
+/// The outcome of one pass over dirty definitions.
+#[derive(Default)]
+struct Pass {
+    failed: BTreeSet<DefinitionKey>,
+    held: BTreeSet<DefinitionKey>,
+    held_until: Option<Instant>,
+}
+
+async fn sleep_until_or_forever(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +124,7 @@ impl ClusterSink {
             board,
             status: Arc::new(Mutex::new(status)),
             applied: HashMap::new(),
+            first_seen: HashMap::new(),
         }
     }
 
@@ -131,57 +150,19 @@ impl ClusterSink {
             if full {
                 full = false;
                 dirty.extend(snapshot.definitions.keys().cloned());
-                let gone: Vec<_> = self
-                    .applied
-                    .keys()
-                    .filter(|k| {
-                        !snapshot
-                            .definitions
-                            .get(*k)
-                            .is_some_and(|d| d.targets(&self.name))
-                    })
-                    .cloned()
-                    .collect();
-                dirty.extend(gone);
+                dirty.extend(self.applied.keys().cloned());
             }
-            let mut failed = BTreeSet::new();
-            for key in std::mem::take(&mut dirty) {
-                let result = match snapshot
-                    .definitions
-                    .get(&key)
-                    .filter(|d| d.targets(&self.name))
-                {
-                    Some(def) => self.sync(def).await,
-                    None => self.remove(&key).await,
-                };
-                match result {
-                    Ok(()) => {
-                        self.update_status(|s| {
-                            s.conflicts.remove(&key.to_string());
-                        });
-                    }
-                    Err(SyncError::SelectorConflict(svc)) => {
-                        let reason = SyncError::SelectorConflict(svc).to_string();
-                        warn!(cluster = %self.name, definition = %key, "{reason}");
-                        self.update_status(|s| {
-                            s.conflicts.insert(key.to_string(), reason);
-                        });
-                    }
-                    Err(e) => {
-                        warn!(cluster = %self.name, definition = %key, error = %e, "apply failed; will retry");
-                        self.update_status(|s| s.last_error = Some(format!("{key}: {e}")));
-                        failed.insert(key);
-                    }
-                }
-            }
-            let retry = if failed.is_empty() {
+            let pass = self.pass(&snapshot, std::mem::take(&mut dirty)).await;
+            self.update_status(|s| s.pending = pass.failed.len());
+            let retry = if pass.failed.is_empty() {
                 backoff.reset();
                 None
             } else {
-                Some(backoff.next())
+                Some(Instant::now() + backoff.next())
             };
-            self.update_status(|s| s.pending = failed.len());
-            dirty = failed;
+            let wake = retry.into_iter().chain(pass.held_until).min();
+            dirty = pass.failed;
+            dirty.extend(pass.held);
             tokio::select! {
                 changed = desired.changed() => {
                     if changed.is_err() { return; }
@@ -192,7 +173,7 @@ impl ClusterSink {
                     Err(broadcast::error::RecvError::Lagged(_)) => full = true,
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
-                () = tokio::time::sleep(retry.unwrap_or_default()), if retry.is_some() => {}
+                () = sleep_until_or_forever(wake) => {}
             }
             // Coalesce a burst of transitions into one pass.
             loop {
@@ -205,6 +186,78 @@ impl ClusterSink {
                 }
             }
         }
+    }
+
+    /// Syncs (or removes) each key once; reports what failed and what is held back.
+    async fn pass(&mut self, snapshot: &Desired, keys: BTreeSet<DefinitionKey>) -> Pass {
+        let mut pass = Pass::default();
+        for key in keys {
+            let def = snapshot
+                .definitions
+                .get(&key)
+                .filter(|d| d.targets(&self.name));
+            if let Some(def) = def
+                && let Some(until) = self.hold_back(def)
+            {
+                pass.held.insert(key);
+                pass.held_until = Some(pass.held_until.map_or(until, |t| t.min(until)));
+                continue;
+            }
+            let result = match def {
+                Some(def) => self.sync(def).await,
+                None => self.remove(&key).await,
+            };
+            match result {
+                Ok(()) => {
+                    self.first_seen.remove(&key);
+                    self.update_status(|s| {
+                        s.conflicts.remove(&key.to_string());
+                    });
+                }
+                Err(SyncError::SelectorConflict(svc)) => {
+                    let reason = SyncError::SelectorConflict(svc).to_string();
+                    warn!(cluster = %self.name, definition = %key, "{reason}");
+                    self.update_status(|s| {
+                        s.conflicts.insert(key.to_string(), reason);
+                    });
+                }
+                Err(e) => {
+                    warn!(cluster = %self.name, definition = %key, error = %e, "apply failed; will retry");
+                    self.update_status(|s| s.last_error = Some(format!("{key}: {e}")));
+                    pass.failed.insert(key);
+                }
+            }
+        }
+        pass
+    }
+
+    /// A definition not yet applied here waits until each of its hosts has a first probe result
+    /// (at most one period plus timeout), so it does not appear with every host not ready.
+    fn hold_back(&mut self, def: &Definition) -> Option<Instant> {
+        if self.applied.contains_key(&def.key) {
+            return None;
+        }
+        let grace = def
+            .ports
+            .iter()
+            .filter(|p| p.check.is_some())
+            .map(|p| p.timing.initial_delay + p.timing.period + p.timing.timeout)
+            .max()?;
+        let until = *self
+            .first_seen
+            .entry(def.key.clone())
+            .or_insert_with(Instant::now)
+            + grace;
+        let probed = def.ports.iter().filter(|p| p.check.is_some()).all(|p| {
+            p.hosts.iter().all(|h| {
+                self.board.probed(&TargetKey {
+                    definition: def.key.clone(),
+                    port: p.name.clone(),
+                    host: *h,
+                })
+            })
+        });
+        (!probed && Instant::now() < until).then_some(until)
     }
 
     #[instrument(skip_all, fields(cluster = %self.name, definition = %def.key))]

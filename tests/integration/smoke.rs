@@ -158,6 +158,12 @@ async fn host_failures(_: &'static ControlPlane) -> Result<()> {
         ErrorKind::ConnectionRefused,
     )
     .await?;
+    // The guard route answers for the rest of 10.240.0.0/16 (K = 251 is never claimed) at once.
+    expect_error(
+        SocketAddr::from(([10, 240, 251, 1], 80)),
+        ErrorKind::HostUnreachable,
+    )
+    .await?;
 
     host1.drop_packets()?;
     expect_error(addr1, ErrorKind::TimedOut).await?;

@@ -20,20 +20,35 @@ pub struct Daemon {
 }
 
 /// The compiled daemon, as cargo builds it for integration tests.
-pub fn binary() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_endpoints-operator"))
+/// (Examples, which cargo gives no such variable, find it beside their own folder.)
+pub fn binary() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_endpoints-operator") {
+        Some(path) => PathBuf::from(path),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.join("endpoints-operator")))
+            .unwrap_or_else(|| PathBuf::from("endpoints-operator")),
+    }
 }
 
 impl Daemon {
     /// Starts `run` with one cluster (the control plane) and the given definition files.
     pub fn start(cp: &ControlPlane, files: &[(&str, String)]) -> Result<Daemon> {
+        Daemon::start_on(cp, files, free_port()?)
+    }
+
+    /// Like [`Daemon::start`], with the status server on `status`.
+    pub fn start_on(
+        cp: &ControlPlane,
+        files: &[(&str, String)],
+        status: SocketAddr,
+    ) -> Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("eo-daemon-").tempdir()?;
         let definitions = dir.path().join("endpoints.d");
         std::fs::create_dir(&definitions)?;
         for (name, text) in files {
             std::fs::write(definitions.join(name), text)?;
         }
-        let status = free_port()?;
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
@@ -53,7 +68,7 @@ impl Daemon {
         let component = Component::start(
             &spawner,
             "endpoints-operator",
-            binary(),
+            &binary(),
             &args,
             dir.path().join("daemon.log"),
         )?;
@@ -96,12 +111,16 @@ impl Daemon {
         }
     }
 
+    pub fn status_addr(&self) -> SocketAddr {
+        self.status
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
 }
 
-fn free_port() -> Result<SocketAddr> {
+pub fn free_port() -> Result<SocketAddr> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     Ok(listener.local_addr()?)
 }
