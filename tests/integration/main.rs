@@ -7,12 +7,13 @@
 mod support;
 
 mod daemon;
+mod packaging;
 mod smoke;
 
 use std::process::ExitCode;
 
 /// The cases of every test module of this binary.
-const SUITES: &[fn() -> Vec<support::Case>] = &[smoke::cases, daemon::cases];
+const SUITES: &[fn() -> Vec<support::Case>] = &[smoke::cases, daemon::cases, packaging::cases];
 
 fn main() -> ExitCode {
     support::harness::run("test", SUITES)

@@ -113,7 +113,7 @@ impl HttpResponse {
         }
     }
 
-    /// 200 with a plain-text body.
+    /// 200 with `body` (and no content type, which probes ignore anyway).
     pub fn ok(body: impl Into<Vec<u8>>) -> Self {
         Self::new(200).body(body)
     }
