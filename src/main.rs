@@ -4,6 +4,7 @@ mod config;
 mod daemon;
 mod model;
 mod probe;
+mod probe_command;
 mod render;
 mod sink;
 mod sources;
@@ -54,6 +55,12 @@ enum Command {
         /// Definition files or folders to check instead of `sources.paths`.
         files: Vec<PathBuf>,
     },
+    /// Probe every host of the given definition files once and print a table; exit 1 if any fails.
+    Probe {
+        /// Definition files or folders.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -90,6 +97,11 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { config, files } => check(config.config, files),
+        Command::Probe { files } => {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+            runtime.block_on(probe_command::run(files))
+        }
     }
 }
 

@@ -57,19 +57,19 @@ pub fn cases() -> Vec<Case> {
     cases
 }
 
-fn case_file(name: &str) -> String {
+pub fn case_file(name: &str) -> String {
     let path = format!("{}/tests/cases/{name}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// A fresh namespace per test; deleted (with everything in it) when the test ends.
-struct Scratch {
+pub struct Scratch {
     client: Client,
-    ns: String,
+    pub ns: String,
 }
 
 impl Scratch {
-    async fn new(cp: &ControlPlane, prefix: &str) -> Result<Scratch> {
+    pub async fn new(cp: &ControlPlane, prefix: &str) -> Result<Scratch> {
         let client = cp.client();
         let ns = format!("{prefix}-{}", std::process::id() % 100_000 + rand_suffix());
         let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -87,7 +87,7 @@ impl Scratch {
     }
 
     /// Puts a case file into this namespace and onto these test hosts (10.240.0.N → hosts[N-2]).
-    fn localize(&self, text: &str, hosts: &[&Host]) -> String {
+    pub fn localize(&self, text: &str, hosts: &[&Host]) -> String {
         let mut text = text.replace("namespace: default", &format!("namespace: {}", self.ns));
         for (i, host) in hosts.iter().enumerate() {
             text = text.replace(&format!("10.240.0.{}", i + 2), &host.ip().to_string());
@@ -95,7 +95,7 @@ impl Scratch {
         text
     }
 
-    async fn cleanup(self) {
+    pub async fn cleanup(self) {
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
     }
@@ -123,7 +123,7 @@ fn readiness(slices: &BTreeMap<String, EndpointSlice>) -> BTreeMap<(String, Stri
     out
 }
 
-fn expect(pairs: &[(&str, &Host, bool)]) -> BTreeMap<(String, String), bool> {
+pub fn expect(pairs: &[(&str, &Host, bool)]) -> BTreeMap<(String, String), bool> {
     pairs
         .iter()
         .map(|(slice, host, ready)| ((slice.to_string(), host.ip().to_string()), *ready))
@@ -131,7 +131,7 @@ fn expect(pairs: &[(&str, &Host, bool)]) -> BTreeMap<(String, String), bool> {
 }
 
 /// Waits until the Service's slices show exactly `wanted`.
-async fn slices_become(
+pub async fn slices_become(
     s: &Scratch,
     service: &str,
     wanted: &BTreeMap<(String, String), bool>,
@@ -324,7 +324,7 @@ async fn resource_versions(s: &Scratch) -> Result<BTreeMap<String, String>> {
 }
 
 /// Polls the daemon's status API (it has no watch) until `done` holds for this host's entry.
-async fn host_status_until(
+pub async fn host_status_until(
     daemon: &Daemon,
     host: &Host,
     timeout: Duration,

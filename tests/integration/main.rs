@@ -8,12 +8,14 @@ mod support;
 
 mod daemon;
 mod packaging;
+mod probes;
 mod smoke;
 
 use std::process::ExitCode;
 
 /// The cases of every test module of this binary.
-const SUITES: &[fn() -> Vec<support::Case>] = &[smoke::cases, daemon::cases, packaging::cases];
+const SUITES: &[fn() -> Vec<support::Case>] =
+    &[smoke::cases, daemon::cases, packaging::cases, probes::cases];
 
 fn main() -> ExitCode {
     support::harness::run("test", SUITES)

@@ -188,6 +188,15 @@ impl Host {
         Ok(servers::udp_echo(self.bind_udp(port)?)?)
     }
 
+    /// A gRPC health server (see [`servers::grpc_health`]).
+    pub fn serve_grpc_health(
+        &self,
+        port: u16,
+        statuses: &[(&str, tonic_health::ServingStatus)],
+    ) -> Result<Server> {
+        Ok(servers::grpc_health(self.bind_tcp(port)?, statuses)?)
+    }
+
     /// A non-blocking listener on `ip:port` inside the host, for servers of other kinds (gRPC…).
     pub fn bind_tcp(&self, port: u16) -> Result<TcpListener> {
         let addr = SocketAddr::from((self.ip, port));

@@ -1,4 +1,4 @@
-//! In-process servers for test hosts: TCP, a tiny HTTP/1.1 and UDP echo.
+//! In-process servers for test hosts: TCP, a tiny HTTP/1.1, UDP echo and a gRPC health server.
 //!
 //! They run on one background runtime of their own rather than on the test's, so they work from
 //! sync and async tests alike, and so [`Server::stop`] can wait for the shutdown without
@@ -215,6 +215,34 @@ pub fn udp_echo(socket: std::net::UdpSocket) -> io::Result<Server> {
                 }
             }
         }
+    }))
+}
+
+/// A `grpc.health.v1` server answering each listed service name ("" = the whole server) with its
+/// status; unlisted names get NOT_FOUND, as real servers answer.
+pub fn grpc_health(
+    listener: std::net::TcpListener,
+    statuses: &[(&str, tonic_health::ServingStatus)],
+) -> io::Result<Server> {
+    let (addr, listener) = adopt_listener(listener)?;
+    let statuses: Vec<(String, tonic_health::ServingStatus)> =
+        statuses.iter().map(|(n, s)| (n.to_string(), *s)).collect();
+    Ok(Server::spawn(addr, |hits, stop| async move {
+        let (reporter, service) = tonic_health::server::health_reporter();
+        for (name, status) in statuses {
+            reporter.set_service_status(name, status).await;
+        }
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let counted = tokio_stream::StreamExt::map(incoming, move |conn| {
+            hits.fetch_add(1, Ordering::Relaxed);
+            conn
+        });
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(counted, async {
+                let _ = stop.await;
+            })
+            .await;
     }))
 }
 

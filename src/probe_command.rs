@@ -1,0 +1,91 @@
+//! `probe FILE…`: probe every host of the given definitions once, concurrently, and print a
+//! table. The exit status says whether every probe passed and every definition was valid.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tokio::task::JoinSet;
+
+use crate::probe::probe;
+use crate::sources::files;
+
+struct Row {
+    definition: String,
+    port: String,
+    host: String,
+    kind: &'static str,
+    result: &'static str,
+    latency_ms: f64,
+    error: String,
+}
+
+pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
+    let loaded = files::load(&paths);
+    for problem in &loaded.problems {
+        eprintln!("error: {problem}");
+    }
+    let mut probes = JoinSet::new();
+    for def in loaded.definitions.values() {
+        for port in &def.ports {
+            let Some(check) = port.check.clone() else {
+                continue;
+            };
+            for host in &port.hosts {
+                let (definition, port_name, host, timing, target_port) = (
+                    def.key.to_string(),
+                    port.name.clone(),
+                    *host,
+                    port.timing,
+                    port.target_port,
+                );
+                let check = check.clone();
+                probes.spawn(async move {
+                    let outcome = probe(&check, (host, target_port).into(), timing.timeout).await;
+                    Row {
+                        definition,
+                        port: if port_name.is_empty() {
+                            target_port.to_string()
+                        } else {
+                            port_name
+                        },
+                        host: host.to_string(),
+                        kind: check.kind(),
+                        result: outcome
+                            .result
+                            .as_ref()
+                            .map_or_else(|f| f.label(), |()| "success"),
+                        latency_ms: outcome.latency.as_secs_f64() * 1000.0,
+                        error: outcome
+                            .result
+                            .err()
+                            .map(|e| e.to_string())
+                            .unwrap_or_default(),
+                    }
+                });
+            }
+        }
+    }
+    let mut rows = probes.join_all().await;
+    rows.sort_by(|a, b| (&a.definition, &a.port, &a.host).cmp(&(&b.definition, &b.port, &b.host)));
+    println!(
+        "{:<28} {:<14} {:<40} {:<6} {:<12} {:>10}  ERROR",
+        "DEFINITION", "PORT", "HOST", "KIND", "RESULT", "LATENCY"
+    );
+    for r in &rows {
+        println!(
+            "{:<28} {:<14} {:<40} {:<6} {:<12} {:>8.1}ms  {}",
+            r.definition, r.port, r.host, r.kind, r.result, r.latency_ms, r.error
+        );
+    }
+    let failed = rows.iter().filter(|r| r.result != "success").count();
+    eprintln!(
+        "{} probe(s), {failed} failed, {} problem(s)",
+        rows.len(),
+        loaded.problems.len()
+    );
+    if failed == 0 && loaded.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
