@@ -15,6 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
 use super::state::{HostState, Readiness, Thresholds};
+use super::stats::ProbeStats;
 use super::{Outcome, probe};
 use crate::model::{Check, Definition, DefinitionKey, Timing};
 
@@ -55,6 +56,7 @@ pub struct TargetHealth {
 #[derive(Debug, Default)]
 pub struct HealthBoard {
     targets: Mutex<HashMap<TargetKey, TargetHealth>>,
+    pub stats: ProbeStats,
 }
 
 impl HealthBoard {
@@ -227,10 +229,11 @@ async fn run_target(
         failure: spec.timing.failure_threshold,
     };
     loop {
-        ticks.tick().await;
+        let scheduled = ticks.tick().await;
         let Ok(_permit) = limit.acquire().await else {
             return;
         };
+        board.stats.record(scheduled.elapsed());
         let outcome = probe(&spec.check, spec.addr, spec.timing.timeout).await;
         let (changed, first) = board.record(&key, &outcome, thresholds);
         if let Some(readiness) = changed {

@@ -5,6 +5,7 @@ mod engine;
 mod grpc;
 mod http;
 pub mod state;
+mod stats;
 mod tcp;
 mod udp;
 
@@ -13,6 +14,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub use engine::{Engine, HealthBoard, TargetHealth, TargetKey};
+pub use stats::StatsSnapshot;
 
 use crate::model::Check;
 

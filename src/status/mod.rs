@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use crate::model::{Desired, Problem};
 use crate::probe::state::Readiness;
-use crate::probe::{HealthBoard, TargetHealth, TargetKey};
+use crate::probe::{HealthBoard, StatsSnapshot, TargetHealth, TargetKey};
 use crate::sink::ClusterStatus;
 
 #[derive(Clone)]
@@ -28,6 +28,7 @@ pub struct StatusReport {
     pub definitions: Vec<DefinitionReport>,
     pub clusters: Vec<ClusterStatus>,
     pub problems: Vec<Problem>,
+    pub probes: StatsSnapshot,
 }
 
 #[derive(Serialize)]
@@ -113,6 +114,7 @@ pub fn report(state: &StatusState) -> StatusReport {
         definitions,
         clusters,
         problems: desired.problems.clone(),
+        probes: state.board.stats.snapshot(),
     }
 }
 
