@@ -91,8 +91,24 @@ pub enum Check {
     Http(HttpCheck),
     /// Send the payload; any reply within the timeout is success.
     Udp(Vec<u8>),
+    Grpc(GrpcCheck),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GrpcCheck {
     /// `grpc.health.v1.Health/Check` for this service name ("" = the whole server).
-    Grpc(String),
+    pub service: String,
+    /// `None`: plaintext; `Some(None)`: TLS without verification; `Some(Some(v))`: verified TLS.
+    pub tls: Option<Option<TlsVerify>>,
+}
+
+/// Certificate verification for a TLS probe.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsVerify {
+    /// PEM certificates to trust (already checked to hold at least one).
+    pub ca_pem: String,
+    /// The name the certificate must carry; `None`: the host's IP address.
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -101,6 +117,8 @@ pub struct HttpCheck {
     /// Always starts with `/`.
     pub path: String,
     pub headers: Vec<(String, String)>,
+    /// Only with `https`; `None` verifies nothing, like the kubelet.
+    pub verify: Option<TlsVerify>,
 }
 
 impl Check {
@@ -110,6 +128,7 @@ impl Check {
             Check::Http(h) if h.https => "https",
             Check::Http(_) => "http",
             Check::Udp(_) => "udp",
+            Check::Grpc(g) if g.tls.is_some() => "grpcs",
             Check::Grpc(_) => "grpc",
         }
     }

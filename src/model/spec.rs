@@ -76,6 +76,18 @@ pub struct HttpGetSpec {
     pub scheme: Option<String>,
     #[serde(default)]
     pub http_headers: Vec<HttpHeader>,
+    /// Verify the server's certificate (HTTPS only); absent: no verification, like the kubelet.
+    pub tls: Option<TlsSpec>,
+}
+
+/// TLS for a probe. With `caBundle` the server certificate must chain to it and match
+/// `serverName` (default: the host's IP address); without it nothing is verified.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsSpec {
+    /// PEM certificates to trust.
+    pub ca_bundle: Option<String>,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -110,4 +122,6 @@ pub struct GrpcSpec {
     #[serde(default)]
     pub enable: bool,
     pub service: Option<String>,
+    /// Present: connect with TLS (verified only when it has a `caBundle`).
+    pub tls: Option<TlsSpec>,
 }

@@ -8,8 +8,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::spec::{Manifest, PortSpec, UdpData};
-use super::{Check, Definition, DefinitionKey, HttpCheck, Port, Protocol, Timing};
+use super::spec::{Manifest, PortSpec, TlsSpec, UdpData};
+use super::{
+    Check, Definition, DefinitionKey, GrpcCheck, HttpCheck, Port, Protocol, Timing, TlsVerify,
+};
 
 pub const API_VERSION: &str = "sealos.io/v1beta1";
 pub const KIND: &str = "ClusterEndpoint";
@@ -303,12 +305,25 @@ fn build_check(p: &PortSpec, field: &str, report: &mut Report) -> Option<Option<
             }
             headers.push((header.name.clone(), header.value.clone()));
         }
+        let verify = match &h.tls {
+            Some(_) if !https => {
+                report.add(
+                    format!("{field}.httpGet.tls"),
+                    "",
+                    "TLS settings need scheme HTTPS",
+                );
+                return None;
+            }
+            Some(tls) => tls_verify(tls, &format!("{field}.httpGet.tls"), report)?,
+            None => None,
+        };
         checks.push((
             "httpGet",
             Check::Http(HttpCheck {
                 https,
                 path,
                 headers,
+                verify,
             }),
         ));
     }
@@ -321,7 +336,17 @@ fn build_check(p: &PortSpec, field: &str, report: &mut Report) -> Option<Option<
         checks.push(("udpSocket", Check::Udp(data)));
     }
     if let Some(g) = p.grpc.as_ref().filter(|g| g.enable) {
-        checks.push(("grpc", Check::Grpc(g.service.clone().unwrap_or_default())));
+        let tls = match &g.tls {
+            Some(tls) => Some(tls_verify(tls, &format!("{field}.grpc.tls"), report)?),
+            None => None,
+        };
+        checks.push((
+            "grpc",
+            Check::Grpc(GrpcCheck {
+                service: g.service.clone().unwrap_or_default(),
+                tls,
+            }),
+        ));
     }
     match checks.len() {
         0 | 1 => Some(checks.pop().map(|(_, c)| c)),
@@ -332,6 +357,44 @@ fn build_check(p: &PortSpec, field: &str, report: &mut Report) -> Option<Option<
                 kinds.join(", "),
                 "more than one probe is enabled; enable exactly one",
             );
+            None
+        }
+    }
+}
+
+/// `Some(None)`: TLS without verification; `None`: the settings are invalid (reported).
+fn tls_verify(tls: &TlsSpec, field: &str, report: &mut Report) -> Option<Option<TlsVerify>> {
+    if let Some(name) = &tls.server_name
+        && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
+    {
+        report.add(
+            format!("{field}.serverName"),
+            name,
+            "not a DNS name or IP address",
+        );
+        return None;
+    }
+    let Some(ca) = &tls.ca_bundle else {
+        if let Some(name) = &tls.server_name {
+            report.add(
+                format!("{field}.serverName"),
+                name,
+                "needs caBundle: without it nothing is verified",
+            );
+            return None;
+        }
+        return Some(None);
+    };
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(ca.as_bytes()).collect();
+    match certs {
+        Ok(certs) if !certs.is_empty() => Some(Some(TlsVerify {
+            ca_pem: ca.clone(),
+            server_name: tls.server_name.clone(),
+        })),
+        _ => {
+            let start: String = ca.chars().take(40).collect();
+            report.add(format!("{field}.caBundle"), start, "not PEM certificates");
             None
         }
     }
@@ -559,7 +622,8 @@ mod tests {
             Some(&Check::Http(HttpCheck {
                 https: false,
                 path: "/healthz".into(),
-                headers: vec![]
+                headers: vec![],
+                verify: None
             }))
         );
         port.http_get.as_mut().unwrap().scheme = Some("https".into());

@@ -7,6 +7,7 @@ mod http;
 pub mod state;
 mod stats;
 mod tcp;
+mod tls;
 mod udp;
 
 use std::io;
@@ -86,7 +87,7 @@ pub async fn probe(check: &Check, addr: SocketAddr, timeout: Duration) -> Outcom
             Check::Tcp => tcp::probe(addr).await,
             Check::Http(h) => http::probe(h, addr, timeout).await,
             Check::Udp(data) => udp::probe(data, addr).await,
-            Check::Grpc(service) => grpc::probe(service, addr, timeout).await,
+            Check::Grpc(g) => grpc::probe(g, addr, timeout).await,
         }
     };
     let result = match tokio::time::timeout(timeout, attempt).await {

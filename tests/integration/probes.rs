@@ -8,7 +8,8 @@ use tonic_health::ServingStatus;
 
 use crate::daemon::{Scratch, case_file, expect, host_status_until, slices_become};
 use crate::support::daemon::{Daemon, run_cli};
-use crate::support::{Case, ControlPlane, HttpResponse, TestNet};
+use crate::support::tls::TestCa;
+use crate::support::{Case, ControlPlane, HttpRequest, HttpResponse, TestNet};
 
 pub fn cases() -> Vec<Case> {
     vec![
@@ -23,6 +24,10 @@ pub fn cases() -> Vec<Case> {
         Case::blocking(
             "probes::the_probe_command_prints_each_result_and_fails_on_any_failure",
             |_| probe_command(),
+        ),
+        Case::blocking(
+            "probes::http_and_tls_follow_kubelet_rules_and_end_within_the_timeout",
+            |_| http_and_tls(),
         ),
     ]
 }
@@ -128,21 +133,10 @@ spec:
         up = up.ip(),
         down = down.ip()
     );
-    let dir = tempfile::tempdir()?;
-    let file = dir.path().join("all.yaml");
-    std::fs::write(&file, definition)?;
-    let (code, stdout, stderr) = run_cli(&["probe", &file.display().to_string()])?;
-    ensure!(code == 1, "exit {code}: {stdout}{stderr}");
-    let result = |port: &str, host: std::net::Ipv4Addr| -> Option<(String, f64)> {
-        let line = stdout.lines().find(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.get(1) == Some(&port) && cols.get(2) == Some(&host.to_string().as_str())
-        })?;
-        let cols: Vec<&str> = line.split_whitespace().collect();
-        Some((
-            cols[4].to_string(),
-            cols[5].trim_end_matches("ms").parse().ok()?,
-        ))
+    let (code, rows, summary) = probe_table(&definition)?;
+    ensure!(code == 1, "exit {code}: {rows:?}");
+    let result = |port: &str, host: std::net::Ipv4Addr| {
+        rows.get(&(port.to_string(), host.to_string())).cloned()
     };
     let expected = [
         ("tcp", up.ip(), "success"),
@@ -158,16 +152,156 @@ spec:
     ];
     for (port, host, want) in expected {
         let (got, latency) =
-            result(port, host).with_context(|| format!("no row for {port} {host} in\n{stdout}"))?;
-        ensure!(
-            got == want,
-            "{port} {host}: {got}, expected {want}\n{stdout}"
-        );
+            result(port, host).with_context(|| format!("no row for {port} {host} in {rows:?}"))?;
+        ensure!(got == want, "{port} {host}: {got}, expected {want}");
         ensure!(
             latency < 900.0,
             "{port} {host} took {latency} ms; failures here must not wait for the timeout"
         );
     }
-    ensure!(stderr.contains("8 probe(s), 5 failed"), "{stderr}");
+    ensure!(summary.contains("8 probe(s), 5 failed"), "{summary}");
+    Ok(())
+}
+
+/// Runs `endpoints-operator probe` on one definition: (exit code, (port, host) → (result,
+/// latency ms), summary line).
+type Rows = std::collections::BTreeMap<(String, String), (String, f64)>;
+fn probe_table(definition: &str) -> Result<(i32, Rows, String)> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("definition.yaml");
+    std::fs::write(&file, definition)?;
+    let (code, stdout, stderr) = run_cli(&["probe", &file.display().to_string()])?;
+    let mut rows = Rows::new();
+    for line in stdout.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if let [_, port, host, _, result, latency, ..] = cols[..] {
+            let latency = latency
+                .trim_end_matches("ms")
+                .parse()
+                .context("latency column")?;
+            rows.insert(
+                (port.to_string(), host.to_string()),
+                (result.to_string(), latency),
+            );
+        }
+    }
+    Ok((code, rows, stderr))
+}
+
+fn http_and_tls() -> Result<()> {
+    let net = TestNet::new()?;
+    let host = net.add_host()?;
+    let ip = host.ip();
+    let ca = TestCa::new()?;
+    let other_ca = TestCa::new()?;
+    let identity = ca.issue(ip.into(), &["api.internal"])?;
+    let responder = move |r: &HttpRequest| match r.path.as_str() {
+        "/ok" => HttpResponse::ok("ok"),
+        "/slow" => HttpResponse::ok("late").delay(Duration::from_secs(3)),
+        "/huge" => HttpResponse::ok(vec![b'x'; 8 << 20]),
+        "/loop" => HttpResponse::new(302).header("Location", "/loop"),
+        "/hop" => HttpResponse::new(301).header("Location", format!("http://{ip}:8080/ok")),
+        "/hop-to-error" => HttpResponse::new(302).header("Location", "/error"),
+        "/vhost" if r.header("host") == Some("api.internal") => HttpResponse::ok("vhost"),
+        "/vhost" => HttpResponse::new(421),
+        _ => HttpResponse::new(500),
+    };
+    let _http = host.serve_http(8080, responder)?;
+    let _https = host.serve_https(8443, identity.rustls_server()?, responder)?;
+    let _grpcs = host.serve_grpcs_health(
+        50052,
+        &[("", ServingStatus::Serving)],
+        identity.tonic_server(),
+    )?;
+    let indent = |pem: &str| {
+        pem.lines()
+            .map(|l| format!("            {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let (ca_pem, other_pem) = (indent(ca.ca_pem()), indent(other_ca.ca_pem()));
+    let http = |name: &str, port: u16, path: &str, extra: &str| {
+        format!(
+            "    - name: {name}\n      port: {port}\n      targetPort: 8080\n      hosts: [{ip}]\n      httpGet:\n        path: {path}\n{extra}"
+        )
+    };
+    let https = |name: &str, port: u16, tls: &str| {
+        format!(
+            "    - name: {name}\n      port: {port}\n      targetPort: 8443\n      hosts: [{ip}]\n      httpGet:\n        path: /ok\n        scheme: HTTPS\n{tls}"
+        )
+    };
+    let grpc = |name: &str, port: u16, tls: &str| {
+        format!(
+            "    - name: {name}\n      port: {port}\n      targetPort: 50052\n      hosts: [{ip}]\n      grpc:\n        enable: true\n{tls}"
+        )
+    };
+    let verified = |pem: &str, name: &str| {
+        format!("        tls:\n          serverName: {name}\n          caBundle: |\n{pem}\n")
+    };
+    let ports = [
+        http("ok", 1, "/ok", ""),
+        http("slow", 2, "/slow", ""),
+        http("huge", 3, "/huge", ""),
+        http("loop", 4, "/loop", ""),
+        http("hop", 5, "/hop", ""),
+        http("hop-error", 6, "/hop-to-error", ""),
+        http(
+            "vhost",
+            7,
+            "/vhost",
+            "        httpHeaders: [{name: Host, value: api.internal}]\n",
+        ),
+        http("no-vhost", 8, "/vhost", ""),
+        https("tls-any", 9, ""),
+        https("tls-ca", 10, &verified(&ca_pem, "api.internal")),
+        https(
+            "tls-ip",
+            11,
+            &format!("        tls:\n          caBundle: |\n{ca_pem}\n"),
+        ),
+        https("tls-wrong-ca", 12, &verified(&other_pem, "api.internal")),
+        https("tls-wrong-name", 13, &verified(&ca_pem, "db.internal")),
+        grpc("grpcs-any", 14, "        tls: {}\n"),
+        grpc("grpcs-ca", 15, &verified(&ca_pem, "api.internal")),
+        grpc("grpc-plain-to-tls", 16, ""),
+    ];
+    let definition = format!(
+        "metadata: {{name: http-rules}}\nspec:\n  ports:\n{}",
+        ports.concat()
+    );
+    let (code, rows, summary) = probe_table(&definition)?;
+    ensure!(code == 1, "{summary}\n{definition}");
+    let ip = ip.to_string();
+    let expected = [
+        ("ok", "success"),
+        ("slow", "timeout"),
+        ("huge", "success"),
+        ("loop", "error"),
+        ("hop", "success"),
+        ("hop-error", "http_status"),
+        ("vhost", "success"),
+        ("no-vhost", "http_status"),
+        ("tls-any", "success"),
+        ("tls-ca", "success"),
+        ("tls-ip", "success"),
+        ("tls-wrong-ca", "error"),
+        ("tls-wrong-name", "error"),
+        ("grpcs-any", "success"),
+        ("grpcs-ca", "success"),
+        ("grpc-plain-to-tls", "error"),
+    ];
+    for (port, want) in expected {
+        let (got, latency) = rows
+            .get(&(port.to_string(), ip.clone()))
+            .with_context(|| format!("no row for {port}: {rows:?}\n{summary}"))?;
+        ensure!(got == want, "{port}: {got}, expected {want}\n{summary}");
+        // Every probe ends within its 1 s timeout (plus scheduling slack).
+        ensure!(*latency < 1300.0, "{port} took {latency} ms");
+    }
+    let (_, slow_latency) = &rows[&("slow".to_string(), ip.clone())];
+    ensure!(
+        *slow_latency >= 950.0,
+        "the slow server is cut at the timeout, not before: {slow_latency}"
+    );
     Ok(())
 }

@@ -43,6 +43,17 @@ impl Daemon {
         files: &[(&str, String)],
         status: SocketAddr,
     ) -> Result<Daemon> {
+        Daemon::start_with_config(cp, files, status, "")
+    }
+
+    /// Like [`Daemon::start_on`], with `extra` appended to the generated config file (TOML tables
+    /// the generated part does not use, e.g. `[probes]`).
+    pub fn start_with_config(
+        cp: &ControlPlane,
+        files: &[(&str, String)],
+        status: SocketAddr,
+        extra: &str,
+    ) -> Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("eo-daemon-").tempdir()?;
         let definitions = dir.path().join("endpoints.d");
         std::fs::create_dir(&definitions)?;
@@ -54,7 +65,7 @@ impl Daemon {
             &config,
             format!(
                 "[status]\nlisten = \"{status}\"\n[sources]\npaths = [\"endpoints.d\"]\n\
-                 [[clusters]]\nname = \"{}\"\nkubeconfig = \"{}\"\n",
+                 [[clusters]]\nname = \"{}\"\nkubeconfig = \"{}\"\n{extra}",
                 cp.name(),
                 cp.kubeconfig_path().display()
             ),
@@ -109,6 +120,11 @@ impl Daemon {
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
             }
         }
+    }
+
+    /// The daemon's process id, for reading its CPU time and memory from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.component.pid()
     }
 
     pub fn status_addr(&self) -> SocketAddr {

@@ -194,7 +194,34 @@ impl Host {
         port: u16,
         statuses: &[(&str, tonic_health::ServingStatus)],
     ) -> Result<Server> {
-        Ok(servers::grpc_health(self.bind_tcp(port)?, statuses)?)
+        Ok(servers::grpc_health(self.bind_tcp(port)?, statuses, None)?)
+    }
+
+    /// The same over TLS with the given identity.
+    pub fn serve_grpcs_health(
+        &self,
+        port: u16,
+        statuses: &[(&str, tonic_health::ServingStatus)],
+        tls: tonic::transport::ServerTlsConfig,
+    ) -> Result<Server> {
+        Ok(servers::grpc_health(
+            self.bind_tcp(port)?,
+            statuses,
+            Some(tls),
+        )?)
+    }
+
+    /// An HTTPS server (see [`servers::https`]).
+    pub fn serve_https<F>(
+        &self,
+        port: u16,
+        tls: std::sync::Arc<rustls::ServerConfig>,
+        responder: F,
+    ) -> Result<Server>
+    where
+        F: Fn(&HttpRequest) -> HttpResponse + Send + Sync + 'static,
+    {
+        Ok(servers::https(self.bind_tcp(port)?, tls, responder)?)
     }
 
     /// A non-blocking listener on `ip:port` inside the host, for servers of other kinds (gRPC…).

@@ -12,6 +12,7 @@ pub mod hosts;
 mod pki;
 mod process;
 pub mod servers;
+pub mod tls;
 pub mod watch;
 
 pub use control_plane::ControlPlane;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
@@ -180,19 +180,49 @@ where
     let (addr, listener) = adopt_listener(listener)?;
     let responder = Arc::new(responder);
     Ok(Server::spawn(addr, |hits, stop| {
-        accept_loop(listener, hits, stop, move |mut stream| {
-            let responder = responder.clone();
+        accept_loop(listener, hits, stop, move |stream| {
+            answer(stream, responder.clone())
+        })
+    }))
+}
+
+/// HTTPS: the same server behind a TLS handshake with `tls`.
+pub fn https<F>(
+    listener: std::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    responder: F,
+) -> io::Result<Server>
+where
+    F: Fn(&HttpRequest) -> HttpResponse + Send + Sync + 'static,
+{
+    let (addr, listener) = adopt_listener(listener)?;
+    let responder = Arc::new(responder);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    Ok(Server::spawn(addr, |hits, stop| {
+        accept_loop(listener, hits, stop, move |stream| {
+            let (acceptor, responder) = (acceptor.clone(), responder.clone());
             async move {
-                let Some(request) = read_request(&mut stream).await else {
-                    return;
-                };
-                let response = responder(&request);
-                tokio::time::sleep(response.delay).await;
-                let _ = stream.write_all(&response.encode()).await;
-                let _ = stream.shutdown().await;
+                if let Ok(stream) = acceptor.accept(stream).await {
+                    answer(stream, responder).await;
+                }
             }
         })
     }))
+}
+
+/// Answers one request on `stream` and closes it.
+async fn answer<S, F>(mut stream: S, responder: Arc<F>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(&HttpRequest) -> HttpResponse,
+{
+    let Some(request) = read_request(&mut stream).await else {
+        return;
+    };
+    let response = responder(&request);
+    tokio::time::sleep(response.delay).await;
+    let _ = stream.write_all(&response.encode()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// Echoes every datagram on `socket` (non-blocking, any namespace) back to its sender.
@@ -223,11 +253,12 @@ pub fn udp_echo(socket: std::net::UdpSocket) -> io::Result<Server> {
 pub fn grpc_health(
     listener: std::net::TcpListener,
     statuses: &[(&str, tonic_health::ServingStatus)],
+    tls: Option<tonic::transport::ServerTlsConfig>,
 ) -> io::Result<Server> {
     let (addr, listener) = adopt_listener(listener)?;
     let statuses: Vec<(String, tonic_health::ServingStatus)> =
         statuses.iter().map(|(n, s)| (n.to_string(), *s)).collect();
-    Ok(Server::spawn(addr, |hits, stop| async move {
+    Ok(Server::spawn(addr, move |hits, stop| async move {
         let (reporter, service) = tonic_health::server::health_reporter();
         for (name, status) in statuses {
             reporter.set_service_status(name, status).await;
@@ -237,7 +268,14 @@ pub fn grpc_health(
             hits.fetch_add(1, Ordering::Relaxed);
             conn
         });
-        let _ = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            builder = match builder.tls_config(tls) {
+                Ok(b) => b,
+                Err(_) => return,
+            };
+        }
+        let _ = builder
             .add_service(service)
             .serve_with_incoming_shutdown(counted, async {
                 let _ = stop.await;
@@ -296,7 +334,7 @@ async fn accept_loop<H, Fut>(
 }
 
 /// Reads one request head; `None` if the peer closed early or sent garbage.
-async fn read_request(stream: &mut TcpStream) -> Option<HttpRequest> {
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Option<HttpRequest> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let end = loop {
