@@ -506,7 +506,7 @@ fn report(
     };
     let mut out = String::new();
     let mut row = |figure: &str, measured: String, goal: &str| {
-        let _ = writeln!(out, "  {figure:<42} {measured:<30} {goal}");
+        let _ = writeln!(out, "  {figure:<46} {measured:<28} {goal}");
     };
     row("figure", "measured".into(), "goal");
     row(

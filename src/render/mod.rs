@@ -88,14 +88,26 @@ fn service(def: &Definition) -> Service {
     }
 }
 
-/// The name of the slice for one port and address family, stable across runs.
-pub fn slice_name(def: &Definition, port: &Port, family: Family) -> String {
-    let port_part = if port.name.is_empty() {
-        port.port.to_string()
+/// At most this many endpoints per slice, the EndpointSlice controller's default (the API
+/// allows 1000; smaller slices keep each update small).
+pub const MAX_ENDPOINTS_PER_SLICE: usize = 100;
+
+/// The name of one slice, stable across runs and unique per definition: read from the right it
+/// is `[-chunk]`, family, protocol, port number, and the rest is the Service name, so no two
+/// (definition, port, family, chunk) combinations can produce the same name.
+pub fn slice_name(def: &Definition, port: &Port, family: Family, chunk: usize) -> String {
+    let base = format!(
+        "{}-{}-{}-{}",
+        def.key.name,
+        port.port,
+        port.protocol.as_str().to_ascii_lowercase(),
+        family.suffix()
+    );
+    if chunk == 0 {
+        base
     } else {
-        port.name.clone()
-    };
-    format!("{}-{}-{}", def.key.name, port_part, family.suffix())
+        format!("{base}-{chunk}")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,8 +134,9 @@ impl Family {
     }
 }
 
-/// One slice per (port, family): every endpoint in a slice shares its ports, and each port has
-/// its own hosts. Unhealthy hosts stay listed with `ready: false`.
+/// Slices per (port, family), each with at most [`MAX_ENDPOINTS_PER_SLICE`] endpoints: every
+/// endpoint in a slice shares its ports, and each port has its own hosts. Unhealthy hosts stay
+/// listed with `ready: false`.
 fn slices(def: &Definition, is_ready: &impl Fn(&Port, IpAddr) -> bool) -> Vec<EndpointSlice> {
     let mut out = Vec::new();
     for port in &def.ports {
@@ -133,36 +146,38 @@ fn slices(def: &Definition, is_ready: &impl Fn(&Port, IpAddr) -> bool) -> Vec<En
         }
         for (family, mut hosts) in by_family {
             hosts.sort();
-            let endpoints = hosts
-                .iter()
-                .map(|h| {
-                    let ready = is_ready(port, *h);
-                    Endpoint {
-                        addresses: vec![h.to_string()],
-                        conditions: Some(EndpointConditions {
-                            ready: Some(ready),
-                            serving: Some(ready),
-                            terminating: Some(false),
-                        }),
-                        ..Default::default()
-                    }
-                })
-                .collect();
-            let extra = [
-                (SERVICE_NAME_LABEL, def.key.name.as_str()),
-                (SLICE_MANAGED_BY_LABEL, SLICE_CONTROLLER),
-            ];
-            out.push(EndpointSlice {
-                metadata: meta(def, slice_name(def, port, family), &extra),
-                address_type: family.address_type().into(),
-                endpoints: Some(endpoints),
-                ports: Some(vec![SlicePort {
-                    name: Some(port.name.clone()),
-                    port: Some(port.target_port.into()),
-                    protocol: Some(port.protocol.as_str().into()),
-                    app_protocol: None,
-                }]),
-            });
+            for (chunk, hosts) in hosts.chunks(MAX_ENDPOINTS_PER_SLICE).enumerate() {
+                let endpoints = hosts
+                    .iter()
+                    .map(|h| {
+                        let ready = is_ready(port, *h);
+                        Endpoint {
+                            addresses: vec![h.to_string()],
+                            conditions: Some(EndpointConditions {
+                                ready: Some(ready),
+                                serving: Some(ready),
+                                terminating: Some(false),
+                            }),
+                            ..Default::default()
+                        }
+                    })
+                    .collect();
+                let extra = [
+                    (SERVICE_NAME_LABEL, def.key.name.as_str()),
+                    (SLICE_MANAGED_BY_LABEL, SLICE_CONTROLLER),
+                ];
+                out.push(EndpointSlice {
+                    metadata: meta(def, slice_name(def, port, family, chunk), &extra),
+                    address_type: family.address_type().into(),
+                    endpoints: Some(endpoints),
+                    ports: Some(vec![SlicePort {
+                        name: Some(port.name.clone()),
+                        port: Some(port.target_port.into()),
+                        protocol: Some(port.protocol.as_str().into()),
+                        app_protocol: None,
+                    }]),
+                });
+            }
         }
     }
     out
@@ -211,6 +226,8 @@ fn non_empty_vec<T>(v: Vec<T>) -> Option<Vec<T>> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::model::spec::Manifest;
     use crate::sources::files::parse_yaml;
@@ -270,7 +287,10 @@ spec:
             .iter()
             .map(|s| s.metadata.name.clone().unwrap())
             .collect();
-        assert_eq!(names, ["db-pg-ipv4", "db-pg-ipv6", "db-metrics-ipv4"]);
+        assert_eq!(
+            names,
+            ["db-5432-tcp-ipv4", "db-5432-tcp-ipv6", "db-9187-tcp-ipv4"]
+        );
         let pg4 = &objects.slices[0];
         assert_eq!(pg4.address_type, "IPv4");
         let rows: Vec<_> = pg4
@@ -325,6 +345,54 @@ spec:
     }
 
     #[test]
+    fn slice_names_never_collide_across_definitions() {
+        let a = definition(
+            "metadata: {name: a-b}\nspec:\n  ports: [{name: c, port: 80, hosts: [10.0.0.1]}]\n",
+        );
+        let b = definition(
+            "metadata: {name: a}\nspec:\n  ports: [{name: b-c, port: 80, hosts: [10.0.0.2]}]\n",
+        );
+        let c = definition(
+            "metadata: {name: a-b-80}\nspec:\n  ports: [{name: c, port: 90, hosts: [10.0.0.3]}]\n",
+        );
+        let names: BTreeSet<String> = [a, b, c]
+            .iter()
+            .flat_map(|d| render(d, |_, _| true).slices)
+            .filter_map(|s| s.metadata.name)
+            .collect();
+        assert_eq!(names.len(), 3, "{names:?}");
+    }
+
+    #[test]
+    fn many_hosts_are_split_into_slices_of_at_most_a_hundred() {
+        let hosts: Vec<String> = (0..250)
+            .map(|i| format!("10.1.{}.{}", i / 200, i % 200 + 1))
+            .collect();
+        let def = definition(&format!(
+            "metadata: {{name: big}}\nspec:\n  ports: [{{port: 80, hosts: [{}]}}]\n",
+            hosts.join(", ")
+        ));
+        let slices = render(&def, |_, _| true).slices;
+        let shape: Vec<(String, usize)> = slices
+            .iter()
+            .map(|s| {
+                (
+                    s.metadata.name.clone().unwrap(),
+                    s.endpoints.as_ref().unwrap().len(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                ("big-80-tcp-ipv4".into(), 100),
+                ("big-80-tcp-ipv4-1".into(), 100),
+                ("big-80-tcp-ipv4-2".into(), 50)
+            ]
+        );
+    }
+
+    #[test]
     fn headless_sets_cluster_ip_none_and_rendering_is_deterministic() {
         let def = definition(
             "metadata: {name: h}\nspec:\n  clusterIP: None\n  ports: [{port: 80, hosts: [10.0.0.2]}]\n",
@@ -334,7 +402,7 @@ spec:
             a.service.spec.as_ref().unwrap().cluster_ip.as_deref(),
             Some("None")
         );
-        assert_eq!(a.slices[0].metadata.name.as_deref(), Some("h-80-ipv4"));
+        assert_eq!(a.slices[0].metadata.name.as_deref(), Some("h-80-tcp-ipv4"));
         assert_eq!(a, render(&def, |_, _| true));
     }
 }

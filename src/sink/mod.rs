@@ -1,4 +1,10 @@
-//! Cluster sinks: one per target cluster, applying rendered objects by server-side apply.
-mod cluster;
+//! Cluster sinks: one task per target cluster that keeps its Services, EndpointSlices and
+//! Endpoints equal to the rendered desired state.
 
-pub use cluster::{ClusterSink, ClusterStatus, connect};
+mod apply;
+mod client;
+mod cluster;
+mod drift;
+
+pub use client::connect;
+pub use cluster::{ClusterSink, ClusterStatus};

@@ -45,6 +45,10 @@ pub fn cases() -> Vec<Case> {
             |_| check_reports_problems(),
         ),
     ];
+    cases.push(Case::tokio(
+        "daemon::objects_deleted_or_edited_by_others_are_restored",
+        drift_is_repaired,
+    ));
     for kill in [Kill::ClosePort, Kill::DropPackets, Kill::LinkDown] {
         cases.push(Case::tokio(
             format!(
@@ -205,7 +209,10 @@ async fn healthy_hosts_at_rest(cp: &'static ControlPlane) -> Result<()> {
     let s = Scratch::new(cp, "rest").await?;
     let daemon = Daemon::start(cp, &[("web.yaml", web_definition(&s.ns, &[&h1, &h2]))])?;
 
-    let both = expect(&[("web-http-ipv4", &h1, true), ("web-http-ipv4", &h2, true)]);
+    let both = expect(&[
+        ("web-80-tcp-ipv4", &h1, true),
+        ("web-80-tcp-ipv4", &h2, true),
+    ]);
     slices_become(&s, "web", &both, Duration::from_secs(30)).await?;
     let endpoints = watch::until(s.api::<Endpoints>(), OURS, Duration::from_secs(10), |e| {
         e.get("web")
@@ -390,7 +397,10 @@ async fn kill_and_revive(cp: &'static ControlPlane, kill: Kill) -> Result<()> {
     slices_become(
         &s,
         "web",
-        &expect(&[("web-http-ipv4", &h1, true), ("web-http-ipv4", &h2, true)]),
+        &expect(&[
+            ("web-80-tcp-ipv4", &h1, true),
+            ("web-80-tcp-ipv4", &h2, true),
+        ]),
         Duration::from_secs(30),
     )
     .await?;
@@ -401,7 +411,10 @@ async fn kill_and_revive(cp: &'static ControlPlane, kill: Kill) -> Result<()> {
         Kill::DropPackets => h1.drop_packets()?,
         Kill::LinkDown => h1.link_down()?,
     }
-    let down = expect(&[("web-http-ipv4", &h1, false), ("web-http-ipv4", &h2, true)]);
+    let down = expect(&[
+        ("web-80-tcp-ipv4", &h1, false),
+        ("web-80-tcp-ipv4", &h2, true),
+    ]);
     slices_become(&s, "web", &down, Duration::from_secs(15)).await?;
     let detected = killed.elapsed().as_secs_f64();
     // The kubelet bound is (F−1)·period + timeout from the first failing probe; that probe comes
@@ -438,7 +451,10 @@ async fn kill_and_revive(cp: &'static ControlPlane, kill: Kill) -> Result<()> {
     slices_become(
         &s,
         "web",
-        &expect(&[("web-http-ipv4", &h1, true), ("web-http-ipv4", &h2, true)]),
+        &expect(&[
+            ("web-80-tcp-ipv4", &h1, true),
+            ("web-80-tcp-ipv4", &h2, true),
+        ]),
         Duration::from_secs(15),
     )
     .await?;
@@ -480,8 +496,8 @@ async fn one_bad_host(cp: &'static ControlPlane) -> Result<()> {
     )?;
 
     let wanted = expect(&[
-        ("one-bad-host-pg-ipv4", &h1, true),
-        ("one-bad-host-pg-ipv4", &h2, true),
+        ("one-bad-host-5432-tcp-ipv4", &h1, true),
+        ("one-bad-host-5432-tcp-ipv4", &h2, true),
     ]);
     slices_become(&s, "one-bad-host", &wanted, Duration::from_secs(30)).await?;
 
@@ -544,13 +560,13 @@ async fn per_port_health(cp: &'static ControlPlane) -> Result<()> {
         )],
     )?;
     let wanted = expect(&[
-        ("per-port-http-ipv4", &h1, true),
-        ("per-port-http-ipv4", &h2, true),
-        ("per-port-admin-ipv4", &h1, true),
-        ("per-port-admin-ipv4", &h2, false),
+        ("per-port-80-tcp-ipv4", &h1, true),
+        ("per-port-80-tcp-ipv4", &h2, true),
+        ("per-port-9090-tcp-ipv4", &h1, true),
+        ("per-port-9090-tcp-ipv4", &h2, false),
     ]);
     let slices = slices_become(&s, "per-port", &wanted, Duration::from_secs(30)).await?;
-    let admin_port = slices["per-port-admin-ipv4"]
+    let admin_port = slices["per-port-9090-tcp-ipv4"]
         .ports
         .iter()
         .flatten()
@@ -596,9 +612,9 @@ async fn http_without_scheme(cp: &'static ControlPlane) -> Result<()> {
         )],
     )?;
     let wanted = expect(&[
-        ("http-no-scheme-web-ipv4", &h1, true),
-        ("http-no-scheme-web-ipv4", &h2, true),
-        ("http-no-scheme-web-ipv4", &h3, false),
+        ("http-no-scheme-8080-tcp-ipv4", &h1, true),
+        ("http-no-scheme-8080-tcp-ipv4", &h2, true),
+        ("http-no-scheme-8080-tcp-ipv4", &h3, false),
     ]);
     slices_become(&s, "http-no-scheme", &wanted, Duration::from_secs(30)).await?;
     ensure!(ok.hits() > 0, "the healthy host was really asked");
@@ -715,5 +731,61 @@ fn check_reports_problems() -> Result<()> {
             "{needle:?} missing from:\n{stderr}"
         );
     }
+    Ok(())
+}
+
+async fn drift_is_repaired(cp: &'static ControlPlane) -> Result<()> {
+    let net = TestNet::new()?;
+    let (h1, h2) = (net.add_host()?, net.add_host()?);
+    let _servers = [h1.serve_tcp(8080)?, h2.serve_tcp(8080)?];
+    let s = Scratch::new(cp, "drift").await?;
+    let daemon = Daemon::start(cp, &[("web.yaml", web_definition(&s.ns, &[&h1, &h2]))])?;
+    let both = expect(&[
+        ("web-80-tcp-ipv4", &h1, true),
+        ("web-80-tcp-ipv4", &h2, true),
+    ]);
+    slices_become(&s, "web", &both, Duration::from_secs(30)).await?;
+
+    s.api::<EndpointSlice>()
+        .delete("web-80-tcp-ipv4", &DeleteParams::default())
+        .await?;
+    slices_become(&s, "web", &both, Duration::from_secs(10))
+        .await
+        .context("the deleted slice comes back")?;
+
+    let before = s.api::<Service>().get("web").await?.metadata.uid;
+    s.api::<Service>()
+        .delete("web", &DeleteParams::default())
+        .await?;
+    let services = watch::until(s.api::<Service>(), OURS, Duration::from_secs(10), |svcs| {
+        svcs.get("web")
+            .is_some_and(|svc| svc.metadata.uid != before)
+    })
+    .await
+    .context("the deleted Service comes back")?;
+    ensure!(
+        services["web"]
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.selector.is_none())
+    );
+
+    // Another writer empties the Endpoints: the daemon puts its addresses back.
+    let patch = serde_json::json!({"subsets": null});
+    s.api::<Endpoints>()
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    watch::until(s.api::<Endpoints>(), OURS, Duration::from_secs(10), |e| {
+        e.get("web")
+            .is_some_and(|e| endpoints_split(e).0.len() == 2)
+    })
+    .await
+    .context("the emptied Endpoints are restored")?;
+    drop(daemon);
+    s.cleanup().await;
     Ok(())
 }

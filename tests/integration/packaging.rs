@@ -128,7 +128,7 @@ async fn deploy_manifests(cp: &'static ControlPlane) -> Result<()> {
         ("", "endpoints"),
         ("discovery.k8s.io", "endpointslices"),
     ] {
-        for verb in ["get", "list", "patch", "delete"] {
+        for verb in ["get", "list", "watch", "patch", "delete"] {
             ensure!(
                 allowed(group, resource, verb).await?,
                 "{verb} {resource} must be allowed"

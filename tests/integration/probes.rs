@@ -47,9 +47,9 @@ async fn udp_silent_host(cp: &'static ControlPlane) -> Result<()> {
         )],
     )?;
     let wanted = expect(&[
-        ("udp-silent-dns-ish-ipv4", &h1, true),
-        ("udp-silent-dns-ish-ipv4", &h2, false),
-        ("udp-silent-dns-ish-long-timeout-ipv4", &h1, true),
+        ("udp-silent-5353-udp-ipv4", &h1, true),
+        ("udp-silent-5353-udp-ipv4", &h2, false),
+        ("udp-silent-5354-udp-ipv4", &h1, true),
     ]);
     slices_become(&s, "udp-silent", &wanted, Duration::from_secs(30)).await?;
     ensure!(echo.hits() > 0, "the echo host received the probes");
@@ -82,8 +82,8 @@ async fn grpc_without_service(cp: &'static ControlPlane) -> Result<()> {
         )],
     )?;
     let wanted = expect(&[
-        ("grpc-no-service-grpc-ipv4", &h1, true),
-        ("grpc-no-service-grpc-ipv4", &h2, false),
+        ("grpc-no-service-9000-tcp-ipv4", &h1, true),
+        ("grpc-no-service-9000-tcp-ipv4", &h2, false),
     ]);
     slices_become(&s, "grpc-no-service", &wanted, Duration::from_secs(30)).await?;
     ensure!(serving.hits() > 0);
@@ -101,8 +101,8 @@ async fn grpc_without_service(cp: &'static ControlPlane) -> Result<()> {
     // The server goes away: the host turns not ready within failureThreshold periods.
     serving.stop();
     let down = expect(&[
-        ("grpc-no-service-grpc-ipv4", &h1, false),
-        ("grpc-no-service-grpc-ipv4", &h2, false),
+        ("grpc-no-service-9000-tcp-ipv4", &h1, false),
+        ("grpc-no-service-9000-tcp-ipv4", &h2, false),
     ]);
     slices_become(&s, "grpc-no-service", &down, Duration::from_secs(3 + 1 + 2)).await?;
     drop(daemon);

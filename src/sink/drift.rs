@@ -1,0 +1,91 @@
+//! Notices of changes to the objects this daemon manages, from watches on the cluster. Someone
+//! deleting or editing them is drift: the sink re-applies instead of trusting its cache.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Endpoints, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tracing::debug;
+
+use crate::model::DefinitionKey;
+use crate::render::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_NAME_LABEL};
+
+/// One object of ours as the cluster now has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub definition: DefinitionKey,
+    pub kind: &'static str,
+    pub name: String,
+    /// `None`: the object was deleted.
+    pub resource_version: Option<String>,
+}
+
+/// Watches Services, Endpoints and EndpointSlices carrying our label, in every namespace, and
+/// sends a notice per change. Watch errors are retried with the watcher's own backoff.
+pub fn spawn(client: Client, notices: mpsc::Sender<Notice>) {
+    tokio::spawn(watch::<Service>(client.clone(), notices.clone()));
+    tokio::spawn(watch::<Endpoints>(client.clone(), notices.clone()));
+    tokio::spawn(watch::<EndpointSlice>(client, notices));
+}
+
+async fn watch<K>(client: Client, notices: mpsc::Sender<Notice>)
+where
+    K: k8s_openapi::Resource
+        + Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + 'static,
+{
+    let config =
+        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    let mut events = watcher::watcher(Api::<K>::all(client), config).boxed();
+    while let Some(event) = events.next().await {
+        let (object, deleted) = match event {
+            Ok(Event::Apply(o) | Event::InitApply(o)) => (o, false),
+            Ok(Event::Delete(o)) => (o, true),
+            Ok(_) => continue,
+            Err(e) => {
+                debug!(kind = K::KIND, error = %e, "watch of managed objects failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Some(notice) = notice_of(&object, deleted) else {
+            continue;
+        };
+        if notices.send(notice).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn notice_of<K: k8s_openapi::Resource + Resource>(object: &K, deleted: bool) -> Option<Notice> {
+    let meta = object.meta();
+    let name = meta.name.clone()?;
+    // A slice belongs to the Service named in its label; the other kinds share the Service name.
+    let service = if K::KIND == "EndpointSlice" {
+        meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?.clone()
+    } else {
+        name.clone()
+    };
+    Some(Notice {
+        definition: DefinitionKey {
+            namespace: meta.namespace.clone()?,
+            name: service,
+        },
+        kind: K::KIND,
+        name,
+        resource_version: if deleted {
+            None
+        } else {
+            meta.resource_version.clone()
+        },
+    })
+}
