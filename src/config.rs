@@ -94,10 +94,11 @@ pub struct Overrides {
 pub enum ConfigError {
     #[error("config file {0}: not found")]
     Missing(PathBuf),
-    #[error("{0}")]
+    #[error("{}", describe(.0))]
     Invalid(Box<figment::Error>),
-    #[error("config: {field} = {value:?}: {reason}")]
+    #[error("{file}: {field} = {value:?}: {reason}")]
     Field {
+        file: String,
         field: String,
         value: String,
         reason: String,
@@ -114,8 +115,10 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, Config
     if explicit && !file.exists() {
         return Err(ConfigError::Missing(file));
     }
-    let mut figment =
-        Figment::from(Serialized::defaults(Config::default())).merge(Toml::file_exact(&file));
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if file.exists() {
+        figment = figment.merge(Toml::file_exact(&file));
+    }
     figment = figment.merge(
         Env::prefixed("ENDPOINTS_OPERATOR_")
             .filter(|k| k != "config")
@@ -138,16 +141,46 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, Config
             *k = base.join(&*k);
         }
     }
-    validate(&config)?;
+    validate(&config, &file.display().to_string())?;
     Ok(config)
 }
 
-fn validate(config: &Config) -> Result<(), ConfigError> {
+/// One line per error: where the value came from, the key, and what is wrong with it.
+fn describe(error: &figment::Error) -> String {
+    error
+        .clone()
+        .into_iter()
+        .map(|e| {
+            let source = e
+                .metadata
+                .as_ref()
+                .and_then(|m| m.source.as_ref())
+                .map_or_else(|| "config".to_string(), |s| s.to_string());
+            // figment prefixes every key with its profile name; users never see profiles.
+            let key = e
+                .path
+                .iter()
+                .filter(|p| p.as_str() != "default")
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(".");
+            if key.is_empty() {
+                format!("{source}: {}", e.kind)
+            } else {
+                format!("{source}: {key}: {}", e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn validate(config: &Config, file: &str) -> Result<(), ConfigError> {
     let mut seen = std::collections::HashSet::new();
     for (i, c) in config.clusters.iter().enumerate() {
         let field = format!("clusters[{i}].name");
         if c.name.is_empty() {
             return Err(ConfigError::Field {
+                file: file.into(),
                 field,
                 value: c.name.clone(),
                 reason: "a cluster needs a name".into(),
@@ -155,6 +188,7 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
         }
         if !seen.insert(&c.name) {
             return Err(ConfigError::Field {
+                file: file.into(),
                 field,
                 value: c.name.clone(),
                 reason: "duplicate cluster name".into(),
@@ -163,12 +197,37 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     }
     if config.probes.concurrency == 0 {
         return Err(ConfigError::Field {
+            file: file.into(),
             field: "probes.concurrency".into(),
             value: "0".into(),
             reason: "must be at least 1".into(),
         });
     }
     Ok(())
+}
+
+/// Checks, without any network use, that a cluster's kubeconfig can be read and has the context.
+pub fn check_kubeconfig(cluster: &ClusterConfig) -> Result<(), String> {
+    let Some(path) = &cluster.kubeconfig else {
+        return Ok(());
+    };
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)
+        .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+    let context = cluster
+        .context
+        .clone()
+        .or(kubeconfig.current_context.clone());
+    match context {
+        Some(name) if kubeconfig.contexts.iter().any(|c| c.name == name) => Ok(()),
+        Some(name) => Err(format!(
+            "kubeconfig {} has no context {name:?}",
+            path.display()
+        )),
+        None => Err(format!(
+            "kubeconfig {} has no current-context; set `context`",
+            path.display()
+        )),
+    }
 }
 
 impl Config {

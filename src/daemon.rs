@@ -1,7 +1,7 @@
 //! `run`: wires sources → model → probe engine → cluster sinks and the status server, then
 //! waits for SIGTERM / Ctrl-C. Stopping leaves every applied object as it is.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use tokio::sync::{broadcast, watch};
@@ -10,12 +10,21 @@ use tracing::{error, info};
 use crate::config::Config;
 use crate::model::Desired;
 use crate::probe::Engine;
-use crate::sink::{ClusterSink, connect};
+use crate::sink::{ClusterSink, ClusterStatus, connect};
 use crate::sources::files;
 use crate::status::{self, StatusState};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    let loaded = files::load(&config.sources.paths);
+    let mut loaded = files::load(&config.sources.paths);
+    let names: Vec<String> = config
+        .target_clusters()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    loaded.problems.extend(crate::model::unknown_clusters(
+        loaded.definitions.values(),
+        &names,
+    ));
     for problem in &loaded.problems {
         error!(%problem, "definition problem");
     }
@@ -37,9 +46,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let mut cluster_status = Vec::new();
     for cluster in config.target_clusters() {
-        let client = connect(&cluster)
-            .await
-            .with_context(|| format!("cluster {}", cluster.name))?;
+        // A cluster whose kubeconfig cannot be used is reported; the others still run.
+        let client = match connect(&cluster).await {
+            Ok(client) => client,
+            Err(e) => {
+                error!(cluster = %cluster.name, error = %format!("{e:#}"), "cluster unusable; skipped");
+                let status = ClusterStatus {
+                    name: cluster.name.clone(),
+                    last_error: Some(format!("{e:#}")),
+                    ..Default::default()
+                };
+                cluster_status.push(Arc::new(Mutex::new(status)));
+                continue;
+            }
+        };
         let sink = ClusterSink::new(cluster.name.clone(), client, engine.board());
         cluster_status.push(sink.status());
         tokio::spawn(sink.run(desired_rx.clone(), changes.subscribe()));

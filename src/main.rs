@@ -106,20 +106,41 @@ fn main() -> ExitCode {
 }
 
 fn check(config_path: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
-    let paths = if files.is_empty() {
-        match config::load(config_path.as_deref(), &Overrides::default()) {
-            Ok(c) => c.sources.paths,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return ExitCode::FAILURE;
-            }
+    let config = match config::load(config_path.as_deref(), &Overrides::default()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
         }
+    };
+    let paths = if files.is_empty() {
+        config.sources.paths.clone()
     } else {
         files
     };
-    let loaded = sources::files::load(&paths);
+    let mut loaded = sources::files::load(&paths);
+    let clusters = config.target_clusters();
+    let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
+    loaded
+        .problems
+        .extend(model::unknown_clusters(loaded.definitions.values(), &names));
+    let mut config_errors = 0;
+    for cluster in &clusters {
+        if let Err(e) = config::check_kubeconfig(cluster) {
+            eprintln!("error: cluster {}: {e}", cluster.name);
+            config_errors += 1;
+        }
+    }
     for problem in &loaded.problems {
         eprintln!("error: {problem}");
+    }
+    if loaded.files.is_empty() && loaded.problems.is_empty() {
+        let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        eprintln!(
+            "error: no definition files (*.yaml, *.yml, *.toml) in {}",
+            shown.join(", ")
+        );
+        return ExitCode::FAILURE;
     }
     let ports: usize = loaded.definitions.values().map(|d| d.ports.len()).sum();
     let hosts: usize = loaded
@@ -134,7 +155,7 @@ fn check(config_path: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
         loaded.definitions.len(),
         loaded.problems.len()
     );
-    if loaded.problems.is_empty() {
+    if loaded.problems.is_empty() && config_errors == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -144,8 +165,10 @@ fn check(config_path: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Colour only for a person at a terminal; journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use validate::{Problem, validate};
+pub use validate::{KIND, Problem, validate};
 
 /// Namespace and name of a definition: the identity of the Service it produces.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -148,4 +148,29 @@ impl Definition {
             .as_ref()
             .is_none_or(|c| c.iter().any(|n| n == cluster))
     }
+}
+
+/// Problems for definitions that name clusters the configuration does not have: such a
+/// definition would otherwise silently go nowhere.
+pub fn unknown_clusters<'a>(
+    definitions: impl IntoIterator<Item = &'a Definition>,
+    known: &[String],
+) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for def in definitions {
+        for (i, name) in def.clusters.iter().flatten().enumerate() {
+            if !known.contains(name) {
+                problems.push(Problem {
+                    origin: def.origin.clone(),
+                    field: format!("spec.clusters[{i}]"),
+                    value: name.clone(),
+                    reason: format!(
+                        "no such cluster in the configuration (configured: {})",
+                        known.join(", ")
+                    ),
+                });
+            }
+        }
+    }
+    problems
 }

@@ -14,10 +14,13 @@ pub struct Manifest {
     pub kind: Option<String>,
     pub metadata: Metadata,
     pub spec: ClusterEndpointSpec,
+    /// Present in objects exported from a cluster; never read.
+    #[serde(default, skip_serializing)]
+    pub status: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Metadata {
     #[serde(default)]
     pub name: String,
@@ -26,6 +29,40 @@ pub struct Metadata {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    // Fields the API server sets, found in exported objects: accepted and never read, so a
+    // typo such as `lables` is still an error.
+    #[serde(default, skip_serializing)]
+    pub(crate) uid: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) resource_version: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) generation: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) creation_timestamp: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) deletion_timestamp: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) deletion_grace_period_seconds: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) managed_fields: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) owner_references: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) finalizers: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) self_link: Option<IgnoredValue>,
+    #[serde(default, skip_serializing)]
+    pub(crate) generate_name: Option<IgnoredValue>,
+}
+
+/// Any value, dropped on reading.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IgnoredValue;
+
+impl<'de> Deserialize<'de> for IgnoredValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| IgnoredValue)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]

@@ -29,11 +29,18 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.origin, self.field)?;
-        if !self.value.is_empty() {
-            write!(f, " = {:?}", self.value)?;
+        write!(f, "{}: ", self.origin)?;
+        if !self.field.is_empty() {
+            write!(f, "{}", self.field)?;
+            match &self.value {
+                v if v.is_empty() => {}
+                // Numbers read as numbers; anything else quoted, so spaces and empties show.
+                v if v.parse::<f64>().is_ok() => write!(f, " = {v}")?,
+                v => write!(f, " = {v:?}")?,
+            }
+            write!(f, ": ")?;
         }
-        write!(f, ": {}", self.reason)
+        write!(f, "{}", self.reason)
     }
 }
 
@@ -507,6 +514,7 @@ mod tests {
                 ports,
                 ..Default::default()
             },
+            status: None,
         }
     }
 

@@ -233,7 +233,7 @@ mod tests {
     use crate::sources::files::parse_yaml;
 
     fn definition(yaml: &str) -> Definition {
-        let manifest: Manifest = parse_yaml(yaml).unwrap().remove(0);
+        let manifest: Manifest = parse_yaml("test", yaml).remove(0).manifest.unwrap();
         let (def, problems) = crate::model::validate(&manifest, "test");
         assert!(problems.is_empty(), "{problems:?}");
         def.unwrap()

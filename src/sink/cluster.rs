@@ -208,10 +208,11 @@ impl ClusterSink {
                         .or_insert_with(|| (Instant::now(), Backoff::default()));
                     *at = Instant::now() + backoff.next();
                     later(*at);
-                    warn!(cluster = %self.name, definition = %key, error = %e, "apply failed; will retry");
+                    let error = error_chain(&e);
+                    warn!(cluster = %self.name, definition = %key, %error, "apply failed; will retry");
                     self.update_status(|s| {
-                        s.last_error = Some(format!("{key}: {e}"));
-                        s.errors.insert(name, e.to_string());
+                        s.last_error = Some(format!("{key}: {error}"));
+                        s.errors.insert(name, error);
                     });
                     dirty.insert(key);
                 }
@@ -253,6 +254,21 @@ impl ClusterSink {
         });
         (!probed && Instant::now() < until).then_some(until)
     }
+}
+
+/// An error with its causes, `outer: inner: root`, so "client error (Connect)" says why.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 async fn sleep_until_or_forever(deadline: Option<Instant>) {

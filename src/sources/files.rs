@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::model::spec::Manifest;
-use crate::model::{Definition, DefinitionKey, Problem, validate};
+use crate::model::{Definition, DefinitionKey, KIND, Problem, validate};
 
 /// Everything the files currently say, valid or not.
 #[derive(Debug, Default)]
@@ -17,11 +17,12 @@ pub struct Loaded {
     pub files: Vec<PathBuf>,
 }
 
+/// A TOML definition file; entries are converted one by one so a bad one stands alone.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct TomlFile {
     #[serde(default)]
-    cluster_endpoints: Vec<Manifest>,
+    cluster_endpoints: Vec<toml::Value>,
 }
 
 /// Reads every definition file under `paths`. Never fails as a whole: unreadable or unparsable
@@ -35,18 +36,16 @@ pub fn load(paths: &[PathBuf]) -> Loaded {
         }
     }
     for file in loaded.files.clone() {
-        match parse_file(&file) {
-            Ok(manifests) => {
-                for (index, manifest) in manifests.iter().enumerate() {
-                    let origin = if manifests.len() > 1 {
-                        format!("{} (document {})", file.display(), index + 1)
-                    } else {
-                        file.display().to_string()
-                    };
-                    admit(&mut loaded, manifest, &origin);
-                }
+        for document in parse_file(&file) {
+            match document.manifest {
+                Ok(manifest) => admit(&mut loaded, &manifest, &document.origin),
+                Err(reason) => loaded.problems.push(Problem {
+                    origin: document.origin,
+                    field: String::new(),
+                    value: String::new(),
+                    reason,
+                }),
             }
-            Err(reason) => loaded.problems.push(file_problem(&file, reason)),
         }
     }
     loaded
@@ -112,26 +111,124 @@ fn is_definition_file(path: &Path) -> bool {
     )
 }
 
-/// Parses one file into manifests; the error names the line where the file is malformed.
-pub fn parse_file(path: &Path) -> Result<Vec<Manifest>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+/// One document of a definition file: where it is, and its manifest or why it has none.
+pub struct Document {
+    pub origin: String,
+    pub manifest: Result<Manifest, String>,
+}
+
+/// Parses one file into documents. Each document stands alone: a broken one is reported and
+/// the others still load. An unreadable file or a TOML syntax error is one failed document.
+pub fn parse_file(path: &Path) -> Vec<Document> {
+    let name = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) => {
+            return vec![Document {
+                origin: name,
+                manifest: Err(format!("cannot read: {e}")),
+            }];
+        }
+    };
     if path.extension().and_then(|e| e.to_str()) == Some("toml") {
-        parse_toml(&text)
+        parse_toml(&name, &text)
     } else {
-        parse_yaml(&text)
+        parse_yaml(&name, &text)
     }
 }
 
-pub fn parse_yaml(text: &str) -> Result<Vec<Manifest>, String> {
-    // Empty documents (a trailing `---`, a comment-only file) are allowed and ignored.
-    let docs: Vec<Option<Manifest>> =
-        serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
-    Ok(docs.into_iter().flatten().collect())
+/// Only the fields that say what a document is; everything else is ignored at this stage.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Head {
+    kind: Option<String>,
 }
 
-pub fn parse_toml(text: &str) -> Result<Vec<Manifest>, String> {
-    let file: TomlFile = toml::from_str(text).map_err(|e| e.to_string())?;
-    Ok(file.cluster_endpoints)
+pub fn parse_yaml(file: &str, text: &str) -> Vec<Document> {
+    let documents = split_yaml(text);
+    let numbered = documents.len() > 1;
+    let mut out = Vec::new();
+    for (index, (line, doc)) in documents.into_iter().enumerate() {
+        let origin = if numbered {
+            format!("{file} (document {}, line {line})", index + 1)
+        } else {
+            file.to_string()
+        };
+        // Empty documents (a trailing `---`, a comment-only file) are allowed and ignored.
+        let manifest = match serde_saphyr::from_str::<Option<Head>>(&doc) {
+            Ok(None) => continue,
+            Ok(Some(Head { kind: Some(kind) })) if kind != KIND => Err(format!(
+                "kind {kind:?} is not {}; only ClusterEndpoint documents belong here",
+                KIND
+            )),
+            _ => serde_saphyr::from_str::<Manifest>(&doc).map_err(|e| yaml_error(&e)),
+        };
+        out.push(Document { origin, manifest });
+    }
+    out
+}
+
+/// Splits at `---` lines, keeping line numbers: each document is preceded by as many empty
+/// lines as came before it, so parser errors name lines of the whole file. Returns the
+/// 1-based first line of each document with its text.
+fn split_yaml(text: &str) -> Vec<(usize, String)> {
+    let mut documents = Vec::new();
+    let mut current = String::new();
+    let mut first_line = 1;
+    for (i, line) in text.lines().enumerate() {
+        let marker = line == "---" || line.starts_with("--- ") || line.starts_with("---\t");
+        if marker {
+            if !current.trim().is_empty() {
+                documents.push((first_line, std::mem::take(&mut current)));
+            }
+            // Content may follow the marker on the same line (`--- {a: 1}`).
+            current = "\n".repeat(i);
+            current.push_str(&line[3..]);
+            current.push('\n');
+            first_line = i + 2;
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    if !current.trim().is_empty() {
+        documents.push((first_line, current));
+    }
+    documents
+}
+
+/// The parser's first line says what and where; the snippet under it is left out so the
+/// message fits one line in logs and the status API.
+fn yaml_error(e: &serde_saphyr::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
+pub fn parse_toml(file: &str, text: &str) -> Vec<Document> {
+    let table: TomlFile = match toml::from_str(text) {
+        Ok(t) => t,
+        Err(e) => {
+            return vec![Document {
+                origin: file.to_string(),
+                manifest: Err(e.to_string().trim().to_string()),
+            }];
+        }
+    };
+    let numbered = table.cluster_endpoints.len() > 1;
+    table
+        .cluster_endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(index, value)| Document {
+            origin: if numbered {
+                format!("{file} (clusterEndpoints[{index}])")
+            } else {
+                file.to_string()
+            },
+            manifest: Manifest::deserialize(value).map_err(|e| e.to_string()),
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -155,34 +252,87 @@ spec:
 ---
 ";
 
+    fn manifests(docs: &[Document]) -> Vec<&str> {
+        docs.iter()
+            .filter_map(|d| d.manifest.as_ref().ok())
+            .map(|m| m.metadata.name.as_str())
+            .collect()
+    }
+
+    fn errors(docs: &[Document]) -> Vec<String> {
+        docs.iter()
+            .filter_map(|d| {
+                d.manifest
+                    .as_ref()
+                    .err()
+                    .map(|e| format!("{}: {e}", d.origin))
+            })
+            .collect()
+    }
+
     #[test]
     fn multi_document_yaml_yields_every_manifest() {
-        let docs = parse_yaml(TWO_DOCS).unwrap();
-        assert_eq!(
-            docs.iter()
-                .map(|d| d.metadata.name.as_str())
-                .collect::<Vec<_>>(),
-            ["a", "b"]
+        let docs = parse_yaml("f.yaml", TWO_DOCS);
+        assert_eq!(manifests(&docs), ["a", "b"]);
+        assert_eq!(docs[1].origin, "f.yaml (document 2, line 8)");
+    }
+
+    #[test]
+    fn a_broken_document_is_reported_with_its_file_line_and_the_others_still_load() {
+        let text = format!(
+            "{TWO_DOCS}metadata: {{name: c}}\nspec:\n  ports:\n    - port: eighty\n---\n{TWO_DOCS}"
+        );
+        let docs = parse_yaml("f.yaml", &text);
+        assert_eq!(manifests(&docs), ["a", "b", "a", "b"]);
+        let errors = errors(&docs);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            errors[0].starts_with("f.yaml (document 3, line 15): line 18"),
+            "{errors:?}"
         );
     }
 
     #[test]
-    fn yaml_errors_name_the_line() {
-        let err =
-            parse_yaml("metadata: {name: a}\nspec:\n  ports:\n    - port: eighty\n").unwrap_err();
-        assert!(err.contains("line 4") || err.contains("4:"), "{err}");
+    fn misspelled_fields_are_rejected_by_name() {
+        let docs = parse_yaml(
+            "f.yaml",
+            "metadata: {name: a, lables: {}}\nspec:\n  perodSeconds: 3\n  ports: []\n",
+        );
+        let errors = errors(&docs);
+        assert!(errors[0].contains("lables"), "{errors:?}");
+        let docs = parse_yaml(
+            "f.yaml",
+            "metadata: {name: a}\nspec:\n  perodSeconds: 3\n  ports: []\n",
+        );
+        assert!(errors_contain(&docs, "perodSeconds"));
+    }
+
+    fn errors_contain(docs: &[Document], needle: &str) -> bool {
+        errors(docs).iter().any(|e| e.contains(needle))
     }
 
     #[test]
-    fn misspelled_fields_are_rejected() {
-        let err =
-            parse_yaml("metadata: {name: a}\nspec:\n  perodSeconds: 3\n  ports: []\n").unwrap_err();
-        assert!(err.contains("perodSeconds"), "{err}");
+    fn objects_exported_from_a_cluster_load_and_other_kinds_are_named() {
+        let exported = "apiVersion: sealos.io/v1beta1\nkind: ClusterEndpoint\nmetadata:\n  name: a\n  uid: 123\n  resourceVersion: \"9\"\n  creationTimestamp: \"2024-01-01T00:00:00Z\"\n  generation: 2\n  finalizers: [sealos.io/cluster-endpoints.finalizers]\nspec:\n  ports: [{port: 80}]\nstatus:\n  phase: Healthy\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: b}\n";
+        let docs = parse_yaml("f.yaml", exported);
+        assert_eq!(manifests(&docs), ["a"]);
+        assert!(
+            errors_contain(&docs, "kind \"ConfigMap\" is not ClusterEndpoint"),
+            "{:?}",
+            errors(&docs)
+        );
     }
 
     #[test]
-    fn toml_carries_the_same_fields() {
+    fn empty_and_comment_only_documents_are_ignored() {
+        assert!(parse_yaml("f.yaml", "").is_empty());
+        assert!(parse_yaml("f.yaml", "# nothing\n---\n---\n").is_empty());
+    }
+
+    #[test]
+    fn toml_carries_the_same_fields_and_a_bad_entry_stands_alone() {
         let docs = parse_toml(
+            "f.toml",
             r#"
 [[clusterEndpoints]]
 metadata = { name = "a", namespace = "db" }
@@ -193,11 +343,20 @@ name = "pg"
 port = 5432
 hosts = ["10.0.0.1"]
 tcpSocket = { enable = true }
+
+[[clusterEndpoints]]
+metadata = { name = "b" }
+spec = { ports = [{ port = "eighty" }] }
 "#,
-        )
-        .unwrap();
-        assert_eq!(docs[0].spec.period_seconds, Some(5));
-        assert_eq!(docs[0].spec.ports[0].hosts, ["10.0.0.1"]);
+        );
+        let a = docs[0].manifest.as_ref().unwrap();
+        assert_eq!(a.spec.period_seconds, Some(5));
+        assert_eq!(a.spec.ports[0].hosts, ["10.0.0.1"]);
+        assert!(
+            errors(&docs)[0].starts_with("f.toml (clusterEndpoints[1])"),
+            "{:?}",
+            errors(&docs)
+        );
     }
 
     #[test]
@@ -205,7 +364,7 @@ tcpSocket = { enable = true }
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("1.yaml"), TWO_DOCS).unwrap();
         std::fs::write(dir.path().join("2.yml"), TWO_DOCS).unwrap();
-        std::fs::write(dir.path().join("3.yaml"), "spec: [").unwrap();
+        std::fs::write(dir.path().join("3.yaml"), "metadata: [").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
         let loaded = load(&[dir.path().to_path_buf()]);
         assert_eq!(loaded.definitions.len(), 2);
@@ -217,6 +376,9 @@ tcpSocket = { enable = true }
         );
         let origins: Vec<&str> = loaded.problems.iter().map(|p| p.origin.as_str()).collect();
         assert_eq!(origins.len(), 3, "{:?}", loaded.problems);
-        assert!(origins[0].ends_with("2.yml (document 1)") && origins[2].ends_with("3.yaml"));
+        assert!(
+            origins[0].ends_with("2.yml (document 1, line 1)") && origins[2].ends_with("3.yaml"),
+            "{origins:?}"
+        );
     }
 }

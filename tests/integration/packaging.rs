@@ -20,7 +20,7 @@ pub fn cases() -> Vec<Case> {
     vec![
         Case::blocking(
             "packaging::the_example_config_and_definitions_pass_check",
-            |_| example_config(),
+            |cp| example_config(cp),
         ),
         Case::blocking(
             "packaging::the_systemd_unit_passes_systemd_analyze_verify",
@@ -33,13 +33,33 @@ pub fn cases() -> Vec<Case> {
     ]
 }
 
-fn example_config() -> Result<()> {
-    let (code, stdout, stderr) =
-        run_cli(&["check", "--config", &format!("{ROOT}/config/config.toml")])?;
+fn example_config(cp: &ControlPlane) -> Result<()> {
+    // The example names a kubeconfig under /etc; point it at the test cluster's, so `check`
+    // also proves it reads kubeconfig files and finds the context.
+    let dir = tempfile::tempdir()?;
+    let text = std::fs::read_to_string(format!("{ROOT}/config/config.toml"))?;
+    let text = text
+        .replace(
+            "/etc/endpoints-operator/kubeconfig",
+            &cp.kubeconfig_path().display().to_string(),
+        )
+        .replace(
+            "paths = [\"endpoints.d\"]",
+            &format!("paths = [\"{ROOT}/config/endpoints.d\"]"),
+        );
+    let config = dir.path().join("config.toml");
+    std::fs::write(&config, text)?;
+    let (code, stdout, stderr) = run_cli(&["check", "--config", &config.display().to_string()])?;
     ensure!(code == 0, "{stdout}{stderr}");
     ensure!(
         stdout.contains("2 definition(s)") && stdout.contains("0 problem(s)"),
         "{stdout}"
+    );
+    // Unchanged, its kubeconfig does not exist here, and `check` says so.
+    let (code, _, stderr) = run_cli(&["check", "--config", &format!("{ROOT}/config/config.toml")])?;
+    ensure!(
+        code == 1 && stderr.contains("/etc/endpoints-operator/kubeconfig"),
+        "{stderr}"
     );
     Ok(())
 }
