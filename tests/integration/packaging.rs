@@ -20,7 +20,7 @@ pub fn cases() -> Vec<Case> {
     vec![
         Case::blocking(
             "packaging::the_example_config_and_definitions_pass_check",
-            |cp| example_config(cp),
+            example_config,
         ),
         Case::blocking(
             "packaging::the_systemd_unit_passes_systemd_analyze_verify",
