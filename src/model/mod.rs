@@ -33,7 +33,8 @@ pub struct Definition {
     pub origin: String,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
-    pub headless: bool,
+    /// The Service's `clusterIP` when set: `"None"` (headless) or a fixed address.
+    pub cluster_ip: Option<String>,
     /// Target cluster names; `None` means all configured clusters.
     pub clusters: Option<Vec<String>>,
     pub ports: Vec<Port>,

@@ -68,7 +68,8 @@ impl<'de> Deserialize<'de> for IgnoredValue {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterEndpointSpec {
-    /// `None` makes the Service headless; anything else (or absent) lets the API server allocate.
+    /// `None` makes the Service headless; an IP asks for that ClusterIP; absent lets the API
+    /// server allocate one.
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
     pub period_seconds: Option<i64>,

@@ -109,19 +109,30 @@ fn build_definition(m: &Manifest, report: &mut Report) -> Option<Definition> {
     }
 
     let spec = &m.spec;
-    let headless = match spec.cluster_ip.as_deref() {
-        None | Some("") => false,
-        Some("None") => true,
-        Some(other) => {
-            report.add(
-                "spec.clusterIP",
-                other,
-                "only \"None\" (headless) is supported; the API server allocates the ClusterIP",
-            );
-            false
-        }
+    let cluster_ip = match spec.cluster_ip.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some("None") => Some("None".to_string()),
+        Some(other) => match other.parse::<std::net::IpAddr>() {
+            // The API server checks it lies in the service range when the Service is created.
+            Ok(ip) => Some(ip.to_string()),
+            Err(_) => {
+                report.add(
+                    "spec.clusterIP",
+                    other,
+                    "expected \"None\" (headless) or an IP address in the service range",
+                );
+                return None;
+            }
+        },
     };
-    let period = seconds(spec.period_seconds, 10, 1, "spec.periodSeconds", report)?;
+    let labels = valid_metadata(&m.metadata.labels, "metadata.labels", true, report);
+    let annotations = valid_metadata(
+        &m.metadata.annotations,
+        "metadata.annotations",
+        false,
+        report,
+    );
+    let period = seconds(spec.period_seconds, 10, 1, "spec.periodSeconds", report);
     if spec.ports.is_empty() {
         report.add("spec.ports", "[]", "at least one port is required");
         return None;
@@ -133,6 +144,7 @@ fn build_definition(m: &Manifest, report: &mut Report) -> Option<Definition> {
     let multi = spec.ports.len() > 1;
     for (i, p) in spec.ports.iter().enumerate() {
         let field = format!("spec.ports[{i}]");
+        let period = period.unwrap_or(Duration::from_secs(10));
         let Some(port) = build_port(p, &field, period, multi, report) else {
             continue;
         };
@@ -158,6 +170,8 @@ fn build_definition(m: &Manifest, report: &mut Report) -> Option<Definition> {
         );
         return None;
     }
+    // An invalid period was reported above; the ports were still checked so all problems show.
+    period?;
 
     let clusters = spec.clusters.as_ref().map(|c| {
         c.iter()
@@ -172,14 +186,15 @@ fn build_definition(m: &Manifest, report: &mut Report) -> Option<Definition> {
             name: name.clone(),
         },
         origin: report.origin.to_string(),
-        labels: m.metadata.labels.clone(),
-        annotations: m.metadata.annotations.clone(),
-        headless,
+        labels,
+        annotations,
+        cluster_ip,
         clusters,
         ports,
     })
 }
 
+/// Every field is checked (so one run reports every problem); any invalid field drops the port.
 fn build_port(
     p: &PortSpec,
     field: &str,
@@ -187,10 +202,10 @@ fn build_port(
     multi: bool,
     report: &mut Report,
 ) -> Option<Port> {
-    let port = port_number(p.port, &format!("{field}.port"), report)?;
+    let port = port_number(p.port, &format!("{field}.port"), report);
     let target_port = match p.target_port {
         None | Some(0) => port,
-        Some(t) => port_number(t, &format!("{field}.targetPort"), report)?,
+        Some(t) => port_number(t, &format!("{field}.targetPort"), report),
     };
     let protocol = match p
         .protocol
@@ -198,62 +213,64 @@ fn build_port(
         .map(str::to_ascii_uppercase)
         .as_deref()
     {
-        None | Some("TCP") => Protocol::Tcp,
-        Some("UDP") => Protocol::Udp,
-        Some("SCTP") => Protocol::Sctp,
+        None | Some("TCP") => Some(Protocol::Tcp),
+        Some("UDP") => Some(Protocol::Udp),
+        Some("SCTP") => Some(Protocol::Sctp),
         Some(_) => {
             report.add(
                 format!("{field}.protocol"),
                 p.protocol.as_deref().unwrap_or(""),
                 "expected TCP, UDP or SCTP",
             );
-            return None;
+            None
         }
     };
-    if p.name.is_empty() {
+    let name_ok = if p.name.is_empty() {
         if multi {
             report.add(
                 format!("{field}.name"),
                 "",
                 "a name is required when there is more than one port",
             );
-            return None;
         }
+        !multi
     } else if let Err(reason) = dns_1123_label(&p.name) {
         report.add(format!("{field}.name"), &p.name, reason);
-        return None;
-    }
-
-    let timing = Timing {
-        period,
-        timeout: seconds(
-            p.timeout_seconds,
-            1,
-            1,
-            &format!("{field}.timeoutSeconds"),
-            report,
-        )?,
-        initial_delay: seconds(
-            p.initial_delay_seconds,
-            0,
-            0,
-            &format!("{field}.initialDelaySeconds"),
-            report,
-        )?,
-        success_threshold: threshold(
-            p.success_threshold,
-            1,
-            &format!("{field}.successThreshold"),
-            report,
-        )?,
-        failure_threshold: threshold(
-            p.failure_threshold,
-            3,
-            &format!("{field}.failureThreshold"),
-            report,
-        )?,
+        false
+    } else {
+        true
     };
-    let check = build_check(p, field, report)?.map(Arc::new);
+    let timeout = seconds(
+        p.timeout_seconds,
+        1,
+        1,
+        &format!("{field}.timeoutSeconds"),
+        report,
+    );
+    let initial_delay = seconds(
+        p.initial_delay_seconds,
+        0,
+        0,
+        &format!("{field}.initialDelaySeconds"),
+        report,
+    );
+    let success_threshold = threshold(
+        p.success_threshold,
+        1,
+        &format!("{field}.successThreshold"),
+        report,
+    );
+    let failure_threshold = threshold(
+        p.failure_threshold,
+        3,
+        &format!("{field}.failureThreshold"),
+        report,
+    );
+    let check = build_check(p, field, report);
+    let check_fits = match (protocol, &check) {
+        (Some(protocol), Some(Some(check))) => probe_fits_protocol(check, protocol, field, report),
+        _ => true,
+    };
 
     let mut hosts = Vec::new();
     for (j, raw) in p.hosts.iter().enumerate() {
@@ -264,15 +281,46 @@ fn build_port(
             Err(reason) => report.add(host_field, raw, reason),
         }
     }
+    if !name_ok || !check_fits {
+        return None;
+    }
     Some(Port {
         name: p.name.clone(),
-        protocol,
-        port,
-        target_port,
+        protocol: protocol?,
+        port: port?,
+        target_port: target_port?,
         hosts,
-        check,
-        timing,
+        check: check?.map(Arc::new),
+        timing: Timing {
+            period,
+            timeout: timeout?,
+            initial_delay: initial_delay?,
+            success_threshold: success_threshold?,
+            failure_threshold: failure_threshold?,
+        },
     })
+}
+
+/// UDP ports take only the UDP probe and TCP ports only the others; SCTP cannot be probed.
+fn probe_fits_protocol(
+    check: &Check,
+    protocol: Protocol,
+    field: &str,
+    report: &mut Report,
+) -> bool {
+    let fits = match protocol {
+        Protocol::Udp => matches!(check, Check::Udp(_)),
+        Protocol::Tcp => !matches!(check, Check::Udp(_)),
+        Protocol::Sctp => false,
+    };
+    if !fits {
+        let reason = match protocol {
+            Protocol::Sctp => "SCTP ports cannot be probed; leave the probe out to publish the hosts as always ready".to_string(),
+            _ => format!("a {} probe does not fit a {} port", check.kind(), protocol.as_str()),
+        };
+        report.add(format!("{field}.protocol"), protocol.as_str(), reason);
+    }
+    fits
 }
 
 /// `Ok(None)` is a static port. More than one enabled probe is ambiguous and drops the port.
@@ -300,6 +348,14 @@ fn build_check(p: &PortSpec, field: &str, report: &mut Report) -> Option<Option<
             Some(p) if p.starts_with('/') => p.to_string(),
             Some(p) => format!("/{p}"),
         };
+        if path.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            report.add(
+                format!("{field}.httpGet.path"),
+                &path,
+                "spaces and control characters must be percent-encoded",
+            );
+            return None;
+        }
         let mut headers = Vec::new();
         for (k, header) in h.http_headers.iter().enumerate() {
             if header.name.is_empty() || !header.name.bytes().all(is_token_byte) {
@@ -307,6 +363,14 @@ fn build_check(p: &PortSpec, field: &str, report: &mut Report) -> Option<Option<
                     format!("{field}.httpGet.httpHeaders[{k}].name"),
                     &header.name,
                     "not a valid HTTP header name",
+                );
+                return None;
+            }
+            if header.value.chars().any(|c| c.is_control() && c != '\t') {
+                report.add(
+                    format!("{field}.httpGet.httpHeaders[{k}].value"),
+                    &header.value,
+                    "control characters (such as line breaks) are not allowed in a header value",
                 );
                 return None;
             }
@@ -405,6 +469,59 @@ fn tls_verify(tls: &TlsSpec, field: &str, report: &mut Report) -> Option<Option<
             None
         }
     }
+}
+
+/// Labels or annotations the API server accepts; invalid entries are reported and left out.
+fn valid_metadata(
+    entries: &std::collections::BTreeMap<String, String>,
+    field: &str,
+    labels: bool,
+    report: &mut Report,
+) -> std::collections::BTreeMap<String, String> {
+    let mut valid = std::collections::BTreeMap::new();
+    for (key, value) in entries {
+        if let Err(reason) = qualified_name(key) {
+            report.add(
+                format!("{field}[{key}]"),
+                key,
+                format!("invalid key: {reason}"),
+            );
+        } else if labels && !(value.is_empty() || (value.len() <= 63 && name_part(value))) {
+            let reason = "a label value is empty or up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit";
+            report.add(format!("{field}[{key}]"), value, reason);
+        } else {
+            valid.insert(key.clone(), value.clone());
+        }
+    }
+    valid
+}
+
+/// `[prefix/]name` as Kubernetes label and annotation keys are written.
+fn qualified_name(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 253
+            && prefix.split('.').all(|l| dns_1123_label(l).is_ok());
+        if !ok {
+            return Err("the prefix before '/' must be a DNS subdomain".into());
+        }
+    }
+    if name.is_empty() || name.len() > 63 || !name_part(name) {
+        return Err("the name must be 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit".into());
+    }
+    Ok(())
+}
+
+fn name_part(s: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    edge(s.chars().next())
+        && edge(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
 }
 
 /// An address the API server accepts in an EndpointSlice or Endpoints, in canonical form.
@@ -691,5 +808,144 @@ mod tests {
         m.metadata.name = "1db".into();
         let (_, problems) = validate(&m, "f");
         assert_eq!(problems[0].field, "metadata.name");
+    }
+
+    fn fields(problems: &[Problem]) -> Vec<&str> {
+        problems.iter().map(|p| p.field.as_str()).collect()
+    }
+
+    #[test]
+    fn every_problem_of_a_port_is_reported_in_one_run() {
+        let mut port = tcp_port("pg", 0, &["127.0.0.1"]);
+        port.timeout_seconds = Some(0);
+        port.failure_threshold = Some(0);
+        port.protocol = Some("tcpp".into());
+        let mut m = manifest(vec![port]);
+        m.spec.period_seconds = Some(0);
+        let (def, problems) = validate(&m, "f");
+        assert!(def.is_none());
+        assert_eq!(
+            fields(&problems),
+            [
+                "spec.periodSeconds",
+                "spec.ports[0].port",
+                "spec.ports[0].protocol",
+                "spec.ports[0].timeoutSeconds",
+                "spec.ports[0].failureThreshold",
+                "spec.ports[0].hosts[0]",
+                "spec.ports",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_probe_must_fit_the_port_protocol() {
+        let mut udp = tcp_port("dns", 53, &["10.0.0.1"]);
+        udp.protocol = Some("UDP".into());
+        let mut sctp = tcp_port("sig", 2905, &["10.0.0.1"]);
+        sctp.protocol = Some("SCTP".into());
+        let (_, problems) = validate(&manifest(vec![udp, sctp, tcp_port("ok", 80, &[])]), "f");
+        assert_eq!(
+            fields(&problems),
+            ["spec.ports[0].protocol", "spec.ports[1].protocol"]
+        );
+        assert!(
+            problems[0]
+                .reason
+                .contains("tcp probe does not fit a UDP port"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].reason.contains("SCTP ports cannot be probed"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn invalid_labels_and_annotations_are_dropped_and_reported() {
+        let mut m = manifest(vec![tcp_port("", 80, &[])]);
+        m.metadata.labels = [("team", "data"), ("bad key!", "x"), ("tier", "not ok")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        m.metadata.annotations = [("a/b/c", "x"), ("example.com/note", "any text: fine")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let (def, problems) = validate(&m, "f");
+        let def = def.unwrap();
+        assert_eq!(def.labels.keys().collect::<Vec<_>>(), ["team"]);
+        assert_eq!(
+            def.annotations.keys().collect::<Vec<_>>(),
+            ["example.com/note"]
+        );
+        assert_eq!(
+            fields(&problems),
+            [
+                "metadata.labels[bad key!]",
+                "metadata.labels[tier]",
+                "metadata.annotations[a/b/c]"
+            ]
+        );
+    }
+
+    #[test]
+    fn cluster_ip_may_be_none_or_a_fixed_address() {
+        let mut m = manifest(vec![tcp_port("", 80, &[])]);
+        m.spec.cluster_ip = Some("10.96.0.100".into());
+        assert_eq!(
+            validate(&m, "f").0.unwrap().cluster_ip.as_deref(),
+            Some("10.96.0.100")
+        );
+        m.spec.cluster_ip = Some("None".into());
+        assert_eq!(
+            validate(&m, "f").0.unwrap().cluster_ip.as_deref(),
+            Some("None")
+        );
+        m.spec.cluster_ip = Some("auto".into());
+        assert_eq!(fields(&validate(&m, "f").1), ["spec.clusterIP"]);
+    }
+
+    #[test]
+    fn header_values_and_paths_cannot_smuggle_control_characters() {
+        let mut port = tcp_port("web", 80, &[]);
+        port.tcp_socket = None;
+        port.http_get = Some(HttpGetSpec {
+            http_headers: vec![crate::model::spec::HttpHeader {
+                name: "X".into(),
+                value: "a\r\nInjected: 1".into(),
+            }],
+            ..Default::default()
+        });
+        assert_eq!(
+            fields(&validate(&manifest(vec![port.clone()]), "f").1),
+            ["spec.ports[0].httpGet.httpHeaders[0].value", "spec.ports"]
+        );
+        port.http_get = Some(HttpGetSpec {
+            path: Some("/health check".into()),
+            ..Default::default()
+        });
+        assert_eq!(
+            fields(&validate(&manifest(vec![port]), "f").1),
+            ["spec.ports[0].httpGet.path", "spec.ports"]
+        );
+    }
+
+    #[test]
+    fn problems_print_as_file_field_value_reason() {
+        let p = Problem {
+            origin: "f.yaml".into(),
+            field: "spec.ports[0].port".into(),
+            value: "70000".into(),
+            reason: "too big".into(),
+        };
+        assert_eq!(p.to_string(), "f.yaml: spec.ports[0].port = 70000: too big");
+        let p = Problem {
+            origin: "f.yaml".into(),
+            field: String::new(),
+            value: String::new(),
+            reason: "line 3 column 1: oops".into(),
+        };
+        assert_eq!(p.to_string(), "f.yaml: line 3 column 1: oops");
     }
 }

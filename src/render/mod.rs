@@ -80,7 +80,7 @@ fn service(def: &Definition) -> Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
-            cluster_ip: def.headless.then(|| "None".into()),
+            cluster_ip: def.cluster_ip.clone(),
             ports: Some(ports),
             ..Default::default()
         }),
