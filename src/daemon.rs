@@ -2,6 +2,7 @@
 //! waits for SIGTERM / Ctrl-C. Stopping leaves every applied object as it is.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{broadcast, watch};
@@ -10,7 +11,7 @@ use tracing::{error, info};
 use crate::config::Config;
 use crate::model::Desired;
 use crate::probe::Engine;
-use crate::sink::{ClusterSink, ClusterStatus, connect};
+use crate::sink::{ClusterSink, ClusterStatus, connect, ready_hosts};
 use crate::sources::files;
 use crate::status::{self, StatusState};
 
@@ -60,6 +61,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 continue;
             }
         };
+        for key in ready_hosts(client.clone(), Duration::from_secs(5)).await {
+            engine.board().seed_ready(&key);
+        }
         let sink = ClusterSink::new(cluster.name.clone(), client, engine.board());
         cluster_status.push(sink.status());
         tokio::spawn(sink.run(desired_rx.clone(), changes.subscribe()));

@@ -90,6 +90,16 @@ impl HealthBoard {
         self.lock().insert(key.clone(), health);
     }
 
+    /// Starts a target not yet probed as ready (what the cluster already shows), so it takes
+    /// `failureThreshold` failures, not one, to take it out.
+    pub fn seed_ready(&self, key: &TargetKey) {
+        if let Some(health) = self.lock().get_mut(key)
+            && health.last_probe.is_none()
+        {
+            health.state.readiness = Readiness::Ready;
+        }
+    }
+
     /// Whether the target has at least one probe result.
     pub fn probed(&self, key: &TargetKey) -> bool {
         self.lock().get(key).is_some_and(|h| h.last_probe.is_some())

@@ -5,6 +5,8 @@ mod apply;
 mod client;
 mod cluster;
 mod drift;
+mod seed;
 
 pub use client::connect;
 pub use cluster::{ClusterSink, ClusterStatus};
+pub use seed::ready_hosts;

@@ -49,6 +49,10 @@ pub fn cases() -> Vec<Case> {
         "daemon::objects_deleted_or_edited_by_others_are_restored",
         drift_is_repaired,
     ));
+    cases.push(Case::tokio(
+        "daemon::a_restart_keeps_objects_and_never_flaps_ready_hosts",
+        restart_without_flap,
+    ));
     for kill in [Kill::ClosePort, Kill::DropPackets, Kill::LinkDown] {
         cases.push(Case::tokio(
             format!(
@@ -785,6 +789,52 @@ async fn drift_is_repaired(cp: &'static ControlPlane) -> Result<()> {
     })
     .await
     .context("the emptied Endpoints are restored")?;
+    drop(daemon);
+    s.cleanup().await;
+    Ok(())
+}
+
+async fn restart_without_flap(cp: &'static ControlPlane) -> Result<()> {
+    let net = TestNet::new()?;
+    let (h1, h2) = (net.add_host()?, net.add_host()?);
+    let _servers = [h1.serve_tcp(8080)?, h2.serve_tcp(8080)?];
+    let s = Scratch::new(cp, "restart").await?;
+    // successThreshold 3: without trusting the cluster, a restart would show the hosts not ready
+    // for two periods.
+    let definition = web_definition(&s.ns, &[&h1, &h2]);
+    let daemon = Daemon::start(cp, &[("web.yaml", definition.clone())])?;
+    let both = expect(&[
+        ("web-80-tcp-ipv4", &h1, true),
+        ("web-80-tcp-ipv4", &h2, true),
+    ]);
+    slices_become(&s, "web", &both, Duration::from_secs(30)).await?;
+    let before = resource_versions(&s).await?;
+
+    // SIGTERM: the daemon exits 0 and leaves every object as it is.
+    let code = daemon.stop()?;
+    ensure!(code == Some(0), "exit status {code:?}");
+    ensure!(
+        resource_versions(&s).await? == before,
+        "stopping the daemon changed objects"
+    );
+
+    let daemon = Daemon::start(cp, &[("web.yaml", definition)])?;
+    let labels = "kubernetes.io/service-name=web";
+    watch::never(
+        s.api::<EndpointSlice>(),
+        labels,
+        Duration::from_secs(5),
+        |slices| readiness(slices) != both,
+    )
+    .await
+    .context("a healthy host flapped during the restart")?;
+    let probes = daemon.status().await?["probes"]["probesTotal"]
+        .as_u64()
+        .unwrap_or_default();
+    ensure!(
+        probes >= 6,
+        "the new daemon probed during the window ({probes} probes)"
+    );
     drop(daemon);
     s.cleanup().await;
     Ok(())

@@ -92,6 +92,15 @@ impl Daemon {
         })
     }
 
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(mut self) -> Result<Option<i32>> {
+        Ok(self
+            .component
+            .stop_with_status()
+            .map(|s| s.code())
+            .unwrap_or(None))
+    }
+
     pub fn definitions_dir(&self) -> &Path {
         &self.definitions
     }

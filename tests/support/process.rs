@@ -141,21 +141,27 @@ impl Component {
 
     /// SIGTERM, up to 10 s for a clean exit, then SIGKILL; always reaps the child.
     pub fn stop(&mut self) {
-        if self.exited().is_some() {
-            return;
+        self.stop_with_status();
+    }
+
+    /// [`Self::stop`], returning how the process ended (`None` if it had to be killed).
+    pub fn stop_with_status(&mut self) -> Option<ExitStatus> {
+        if let Some(status) = self.exited() {
+            return Some(status);
         }
         let pid = Pid::from_raw(self.child.id() as i32);
         let _ = signal::kill(pid, Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.exited().is_some() {
-                return;
+            if let Some(status) = self.exited() {
+                return Some(status);
             }
             thread::sleep(Duration::from_millis(50));
         }
         eprintln!("{} ignored SIGTERM for 10 s; killing it", self.name);
         let _ = self.child.kill();
         let _ = self.child.wait();
+        None
     }
 }
 

@@ -58,3 +58,16 @@ where
         }
     }
 }
+
+/// Watches for `during` and fails as soon as `bad` holds for the objects.
+pub async fn never<K, F>(api: Api<K>, labels: &str, during: Duration, mut bad: F) -> Result<()>
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+    F: FnMut(&BTreeMap<String, K>) -> bool,
+{
+    match until(api, labels, during, |objects| bad(objects)).await {
+        Ok(objects) => bail!("the condition held: {objects:#?}"),
+        Err(e) if e.to_string().starts_with("condition not met") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
