@@ -19,7 +19,7 @@ use support::daemon::{Daemon, free_port};
 use support::{ControlPlane, HttpResponse, TestNet};
 
 fn main() -> Result<()> {
-    println!("Starting a local control plane (the first run builds it: tens of minutes)…");
+    println!("Starting a local control plane (the first run builds it: about 10 minutes)…");
     let cp = ControlPlane::start("demo")?;
     let result = demo(&cp);
     cp.shutdown();
@@ -80,7 +80,8 @@ spec:
     println!(
         "\nThe daemon is running.\n\
          \x20 status API:   curl -s http://{listen}/api/v1/status\n\
-         \x20 kubeconfig:   {kubeconfig}   (kubectl --kubeconfig … get endpointslices -o wide)\n\
+         \x20 kubeconfig:   {kubeconfig}\n\
+         \x20               kubectl --kubeconfig {kubeconfig} get endpointslices -o yaml\n\
          \x20 definitions:  {defs}\n\
          \x20 daemon log:   {log}\n\
          Hosts {h0} and {h1} serve postgres (TCP 5432) and an HTTP API (8080); {h2}'s API answers 500.\n\
