@@ -263,3 +263,131 @@ async fn run_target(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::{Port, Protocol};
+
+    fn definition(port: u16, period: Duration, check: Check) -> Definition {
+        Definition {
+            key: DefinitionKey {
+                namespace: "default".into(),
+                name: "d".into(),
+            },
+            origin: "test".into(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            cluster_ip: None,
+            clusters: None,
+            ports: vec![Port {
+                name: "p".into(),
+                protocol: Protocol::Tcp,
+                port,
+                target_port: port,
+                // Loopback is fine for the engine; only the API server refuses it in endpoints.
+                hosts: vec![Ipv4Addr::LOCALHOST.into()],
+                check: Some(Arc::new(check)),
+                timing: Timing {
+                    period,
+                    timeout: Duration::from_secs(2),
+                    initial_delay: Duration::ZERO,
+                    success_threshold: 1,
+                    failure_threshold: 1,
+                },
+            }],
+        }
+    }
+
+    fn task_ids(engine: &Engine) -> Vec<tokio::task::Id> {
+        engine.running.values().map(|(_, task)| task.id()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_reconcile_keeps_unchanged_targets_and_restarts_changed_ones() {
+        let (changes, _) = broadcast::channel(16);
+        let mut engine = Engine::new(10, changes);
+        let def = definition(1, Duration::from_secs(60), Check::Tcp);
+        engine.reconcile([&def]);
+        let first = task_ids(&engine);
+        engine.reconcile([&def]);
+        assert_eq!(
+            task_ids(&engine),
+            first,
+            "unchanged target keeps its task and schedule"
+        );
+        let slower = definition(1, Duration::from_secs(120), Check::Tcp);
+        engine.reconcile([&slower]);
+        assert_ne!(
+            task_ids(&engine),
+            first,
+            "a changed period restarts the target"
+        );
+        engine.reconcile([]);
+        assert!(
+            engine.running.is_empty() && engine.board.snapshot().is_empty(),
+            "removed targets stop and are forgotten"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hanging_target_does_not_delay_another() {
+        // One server accepts and never answers HTTP; the other accepts TCP at once.
+        let hanging = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let fast = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let (hang_port, fast_port) = (
+            hanging.local_addr().unwrap().port(),
+            fast.local_addr().unwrap().port(),
+        );
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = hanging.accept().await {
+                held.push(conn);
+            }
+        });
+        tokio::spawn(async move { while fast.accept().await.is_ok() {} });
+        let http = Check::Http(crate::model::HttpCheck {
+            https: false,
+            path: "/".into(),
+            headers: vec![],
+            verify: None,
+        });
+        let mut slow = definition(hang_port, Duration::from_millis(100), http);
+        slow.key.name = "slow".into();
+        let quick = definition(fast_port, Duration::from_millis(100), Check::Tcp);
+        let (changes, _) = broadcast::channel(16);
+        let mut engine = Engine::new(4, changes);
+        engine.reconcile([&slow, &quick]);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let snapshot = engine.board.snapshot();
+        let quick_health = snapshot
+            .values()
+            .find(|h| h.last_result == Some("success"))
+            .expect("the fast target was probed");
+        assert_eq!(quick_health.state.readiness, Readiness::Ready);
+        // ~10 periods passed; the fast target kept its schedule while the other hung.
+        assert!(
+            engine.board.stats.snapshot().probes_total >= 8,
+            "{:?}",
+            engine.board.stats.snapshot()
+        );
+        let slow_health = snapshot
+            .iter()
+            .find(|(k, _)| k.definition.name == "slow")
+            .map(|(_, h)| h)
+            .unwrap();
+        assert_eq!(
+            slow_health.last_probe, None,
+            "the hanging probe is still waiting for its timeout"
+        );
+        engine.shutdown();
+    }
+}

@@ -25,6 +25,10 @@ pub fn cases() -> Vec<Case> {
             "probes::the_probe_command_prints_each_result_and_fails_on_any_failure",
             |_| probe_command(),
         ),
+        Case::tokio(
+            "probes::open_files_stay_flat_across_thousands_of_http_grpc_and_udp_probes",
+            descriptors_stay_flat,
+        ),
         Case::blocking(
             "probes::http_and_tls_follow_kubelet_rules_and_end_within_the_timeout",
             |_| http_and_tls(),
@@ -303,5 +307,77 @@ fn http_and_tls() -> Result<()> {
         *slow_latency >= 950.0,
         "the slow server is cut at the timeout, not before: {slow_latency}"
     );
+    Ok(())
+}
+
+async fn descriptors_stay_flat(cp: &'static ControlPlane) -> Result<()> {
+    let net = TestNet::new()?;
+    let host = net.add_host()?;
+    let mut servers = Vec::new();
+    let mut ports = String::new();
+    for i in 0..60u16 {
+        servers.push(host.serve_http(8000 + i, |_| HttpResponse::ok("ok"))?);
+        servers.push(host.serve_grpc_health(9000 + i, &[("", ServingStatus::Serving)])?);
+        servers.push(host.serve_udp_echo(7000 + i)?);
+        let ip = host.ip();
+        ports.push_str(&format!(
+            "    - {{name: h{i}, port: {}, hosts: [{ip}], httpGet: {{path: /}}}}\n\
+             \x20   - {{name: g{i}, port: {}, hosts: [{ip}], grpc: {{enable: true}}}}\n\
+             \x20   - {{name: u{i}, port: {}, protocol: UDP, hosts: [{ip}], udpSocket: {{enable: true, data: x}}}}\n",
+            8000 + i,
+            9000 + i,
+            7000 + i
+        ));
+    }
+    let definition =
+        format!("metadata: {{name: fds}}\nspec:\n  periodSeconds: 1\n  ports:\n{ports}");
+    let daemon = Daemon::start(cp, &[("fds.yaml", definition)])?;
+    let probes =
+        |status: &serde_json::Value| status["probes"]["probesTotal"].as_u64().unwrap_or_default();
+    // Warm up until every target has been probed at least twice.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while probes(&daemon.status().await?) < 360 {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "probes did not start\n{}",
+            daemon.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (fds_before, probes_before) = (daemon.open_fds()?, probes(&daemon.status().await?));
+    let mut peak = fds_before;
+    let until = std::time::Instant::now() + Duration::from_secs(12);
+    while std::time::Instant::now() < until {
+        peak = peak.max(daemon.open_fds()?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (fds_after, probes_after) = (daemon.open_fds()?, probes(&daemon.status().await?));
+    ensure!(
+        probes_after - probes_before >= 1800,
+        "{} probes ran",
+        probes_after - probes_before
+    );
+    // In-flight probes hold a socket each for a moment; nothing may accumulate.
+    ensure!(
+        fds_after <= fds_before + 30,
+        "open files grew from {fds_before} to {fds_after} (peak {peak})"
+    );
+    ensure!(
+        peak <= fds_before + 200,
+        "peak of {peak} open files (from {fds_before})"
+    );
+    let status = daemon.status().await?;
+    let not_ready: Vec<_> = status["definitions"][0]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["hosts"][0]["ready"] != true)
+        .map(|p| p["name"].clone())
+        .collect();
+    ensure!(
+        not_ready.is_empty(),
+        "every target is healthy: {not_ready:?}"
+    );
+    drop(servers);
     Ok(())
 }

@@ -112,6 +112,7 @@ impl Daemon {
     /// `GET /api/v1/status`, waiting for the server to come up.
     pub async fn status(&self) -> Result<serde_json::Value> {
         let url = format!("http://{}/api/v1/status", self.status);
+        super::control_plane::install_crypto_provider();
         let client = reqwest::Client::builder().no_proxy().build()?;
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
@@ -134,6 +135,11 @@ impl Daemon {
     /// The daemon's process id, for reading its CPU time and memory from `/proc`.
     pub fn pid(&self) -> u32 {
         self.component.pid()
+    }
+
+    /// Open file descriptors of the daemon process right now.
+    pub fn open_fds(&self) -> Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{}/fd", self.component.pid()))?.count())
     }
 
     pub fn status_addr(&self) -> SocketAddr {
