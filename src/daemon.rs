@@ -1,43 +1,35 @@
 //! `run`: wires sources → model → probe engine → cluster sinks and the status server, then
-//! waits for SIGTERM / Ctrl-C. Stopping leaves every applied object as it is.
+//! reloads definitions when their files change (or on SIGHUP) until SIGTERM / Ctrl-C. Stopping
+//! leaves every applied object as it is.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{broadcast, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::model::Desired;
+use crate::model::{Desired, unknown_clusters};
 use crate::probe::Engine;
 use crate::sink::{ClusterSink, ClusterStatus, connect, ready_hosts};
-use crate::sources::files;
+use crate::sources::files::{self, Loaded};
+use crate::sources::watch::FileWatch;
 use crate::status::{self, StatusState};
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let clusters = config.target_clusters();
+    let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
+    // Watch before the first read, so an edit during start-up is not missed.
+    let mut file_watch =
+        FileWatch::new(&config.sources.paths).context("watching definition files")?;
     let mut loaded = files::load(&config.sources.paths);
-    let names: Vec<String> = config
-        .target_clusters()
-        .iter()
-        .map(|c| c.name.clone())
-        .collect();
-    loaded.problems.extend(crate::model::unknown_clusters(
-        loaded.definitions.values(),
-        &names,
-    ));
-    for problem in &loaded.problems {
-        error!(%problem, "definition problem");
-    }
+    let desired = Arc::new(desired_of(&loaded, &names, &Desired::default()));
     info!(
-        definitions = loaded.definitions.len(),
-        problems = loaded.problems.len(),
+        definitions = desired.definitions.len(),
+        problems = desired.problems.len(),
         "definitions loaded"
     );
-    let desired = Arc::new(Desired {
-        definitions: loaded.definitions,
-        problems: loaded.problems,
-    });
 
     // Capacity covers a burst of transitions; a sink that lags just resyncs everything.
     let (changes, _) = broadcast::channel(4096);
@@ -46,7 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     engine.reconcile(desired.definitions.values());
 
     let mut cluster_status = Vec::new();
-    for cluster in config.target_clusters() {
+    for cluster in clusters {
         // A cluster whose kubeconfig cannot be used is reported; the others still run.
         let client = match connect(&cluster).await {
             Ok(client) => client,
@@ -84,11 +76,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    shutdown_signal().await;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = file_watch.changed() => {
+                loaded = files::reload(&config.sources.paths, &loaded);
+                let current = desired_tx.borrow().clone();
+                let next = desired_of(&loaded, &names, &current);
+                if next != *current {
+                    info!(definitions = next.definitions.len(), problems = next.problems.len(), "definitions reloaded");
+                    engine.reconcile(next.definitions.values());
+                    desired_tx.send_replace(Arc::new(next));
+                }
+            }
+        }
+    }
     info!("shutting down; applied objects are left as they are");
     engine.shutdown();
-    drop(desired_tx);
     Ok(())
+}
+
+/// The desired state the files describe, with problems logged once when they first appear.
+fn desired_of(loaded: &Loaded, clusters: &[String], previous: &Desired) -> Desired {
+    let mut problems = loaded.problems.clone();
+    problems.extend(unknown_clusters(loaded.definitions.values(), clusters));
+    for problem in problems.iter().filter(|p| !previous.problems.contains(p)) {
+        warn!(%problem, "definition problem");
+    }
+    Desired {
+        definitions: loaded.definitions.clone(),
+        problems,
+    }
 }
 
 async fn shutdown_signal() {

@@ -136,7 +136,7 @@ impl Check {
 }
 
 /// The whole desired state at one moment: what the sources say, and what was wrong with them.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
     pub definitions: BTreeMap<DefinitionKey, Definition>,
     pub problems: Vec<Problem>,

@@ -10,11 +10,13 @@ use crate::model::spec::Manifest;
 use crate::model::{Definition, DefinitionKey, KIND, Problem, validate};
 
 /// Everything the files currently say, valid or not.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Loaded {
     pub definitions: BTreeMap<DefinitionKey, Definition>,
     pub problems: Vec<Problem>,
     pub files: Vec<PathBuf>,
+    /// The definitions of each file as of its last version without problems.
+    last_good: BTreeMap<PathBuf, Vec<Definition>>,
 }
 
 /// A TOML definition file; entries are converted one by one so a bad one stands alone.
@@ -28,6 +30,13 @@ struct TomlFile {
 /// Reads every definition file under `paths`. Never fails as a whole: unreadable or unparsable
 /// files become problems, and the first definition of a namespace/name wins over later ones.
 pub fn load(paths: &[PathBuf]) -> Loaded {
+    reload(paths, &Loaded::default())
+}
+
+/// Like [`load`], but a file that now has problems keeps the definitions of its last version
+/// without problems in force (a half-edited file never withdraws endpoints); a file that is
+/// gone takes its definitions with it.
+pub fn reload(paths: &[PathBuf], previous: &Loaded) -> Loaded {
     let mut loaded = Loaded::default();
     for path in paths {
         match definition_files(path) {
@@ -36,28 +45,53 @@ pub fn load(paths: &[PathBuf]) -> Loaded {
         }
     }
     for file in loaded.files.clone() {
-        for document in parse_file(&file) {
-            match document.manifest {
-                Ok(manifest) => admit(&mut loaded, &manifest, &document.origin),
-                Err(reason) => loaded.problems.push(Problem {
-                    origin: document.origin,
-                    field: String::new(),
-                    value: String::new(),
-                    reason,
-                }),
-            }
+        let (definitions, mut problems) = read_file(&file);
+        let in_force = if problems.is_empty() {
+            loaded.last_good.insert(file.clone(), definitions.clone());
+            definitions
+        } else if let Some(good) = previous.last_good.get(&file) {
+            let reason = "this file has problems; its last version without problems stays in force"
+                .to_string();
+            problems.push(file_problem(&file, reason));
+            loaded.last_good.insert(file.clone(), good.clone());
+            good.clone()
+        } else {
+            definitions
+        };
+        loaded.problems.extend(problems);
+        for definition in in_force {
+            admit(&mut loaded, definition);
         }
     }
     loaded
 }
 
-fn admit(loaded: &mut Loaded, manifest: &Manifest, origin: &str) {
-    let (definition, problems) = validate(manifest, origin);
-    loaded.problems.extend(problems);
-    let Some(definition) = definition else { return };
+/// The valid definitions of one file and every problem found in it.
+fn read_file(file: &Path) -> (Vec<Definition>, Vec<Problem>) {
+    let mut definitions = Vec::new();
+    let mut problems = Vec::new();
+    for document in parse_file(file) {
+        match document.manifest {
+            Ok(manifest) => {
+                let (definition, found) = validate(&manifest, &document.origin);
+                problems.extend(found);
+                definitions.extend(definition);
+            }
+            Err(reason) => problems.push(Problem {
+                origin: document.origin,
+                field: String::new(),
+                value: String::new(),
+                reason,
+            }),
+        }
+    }
+    (definitions, problems)
+}
+
+fn admit(loaded: &mut Loaded, definition: Definition) {
     if let Some(first) = loaded.definitions.get(&definition.key) {
         loaded.problems.push(Problem {
-            origin: origin.to_string(),
+            origin: definition.origin.clone(),
             field: "metadata.name".into(),
             value: definition.key.to_string(),
             reason: format!(
@@ -327,6 +361,47 @@ spec:
     fn empty_and_comment_only_documents_are_ignored() {
         assert!(parse_yaml("f.yaml", "").is_empty());
         assert!(parse_yaml("f.yaml", "# nothing\n---\n---\n").is_empty());
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_version_and_a_deleted_file_takes_its_definitions() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = [dir.path().to_path_buf()];
+        std::fs::write(dir.path().join("a.yaml"), TWO_DOCS).unwrap();
+        std::fs::write(
+            dir.path().join("c.yaml"),
+            "metadata: {name: c}\nspec:\n  ports: [{port: 1}]\n",
+        )
+        .unwrap();
+        let first = load(&paths);
+        assert_eq!(first.definitions.len(), 3);
+        // Half-edited: a.yaml breaks; its two definitions stay, and the problem is reported.
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            TWO_DOCS.replace("port: 80", "port: eighty"),
+        )
+        .unwrap();
+        let second = reload(&paths, &first);
+        assert_eq!(second.definitions.len(), 3, "{:?}", second.problems);
+        assert!(second.problems.iter().any(|p| {
+            p.reason
+                .contains("last version without problems stays in force")
+        }));
+        // Fixed with a change: the new version takes over.
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            TWO_DOCS.replace("port: 80", "port: 81"),
+        )
+        .unwrap();
+        let third = reload(&paths, &second);
+        assert!(third.problems.is_empty(), "{:?}", third.problems);
+        let a = &third.definitions[&DefinitionKey {
+            namespace: "default".into(),
+            name: "a".into(),
+        }];
+        assert_eq!(a.ports[0].port, 81);
+        std::fs::remove_file(dir.path().join("c.yaml")).unwrap();
+        assert_eq!(reload(&paths, &third).definitions.len(), 2);
     }
 
     #[test]

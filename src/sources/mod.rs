@@ -1,4 +1,5 @@
 //! Where definitions come from. Each source yields manifests plus the problems it met; the
-//! model validates them. Only files for now.
+//! model validates them. Files are watched and reloaded on change.
 
 pub mod files;
+pub mod watch;

@@ -87,7 +87,7 @@ impl Scratch {
         Ok(Scratch { client, ns })
     }
 
-    fn api<K>(&self) -> Api<K>
+    pub fn api<K>(&self) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
     {
@@ -116,7 +116,7 @@ fn rand_suffix() -> u32 {
 }
 
 /// (slice, address) → ready, across every slice of a Service.
-fn readiness(slices: &BTreeMap<String, EndpointSlice>) -> BTreeMap<(String, String), bool> {
+pub fn readiness(slices: &BTreeMap<String, EndpointSlice>) -> BTreeMap<(String, String), bool> {
     let mut out = BTreeMap::new();
     for (name, slice) in slices {
         for endpoint in slice.endpoints.iter().flatten() {

@@ -9,13 +9,20 @@ mod support;
 mod daemon;
 mod packaging;
 mod probes;
+mod reload;
 mod smoke;
 
 use std::process::ExitCode;
 
 /// The cases of every test module of this binary.
 const SUITES: &[fn() -> Vec<support::Case>] =
-    &[smoke::cases, daemon::cases, packaging::cases, probes::cases];
+    &[
+    smoke::cases,
+    daemon::cases,
+    packaging::cases,
+    probes::cases,
+    reload::cases,
+];
 
 fn main() -> ExitCode {
     support::harness::run("test", SUITES)
