@@ -61,6 +61,8 @@ enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Print the ClusterEndpoint CRD (YAML), ready for `kubectl apply -f -`.
+    Crd,
 }
 
 #[derive(clap::Args)]
@@ -101,6 +103,10 @@ fn main() -> ExitCode {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
             runtime.block_on(probe_command::run(files))
+        }
+        Command::Crd => {
+            print!("{}", model::crd::yaml());
+            ExitCode::SUCCESS
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The desired state: validated `ClusterEndpoint` definitions, free of Kubernetes and I/O.
 //! Everything downstream (probe engine, renderer, sinks, status) trusts these types.
 
+pub mod crd;
 pub mod spec;
 mod validate;
 

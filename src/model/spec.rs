@@ -1,9 +1,12 @@
 //! The user-facing `ClusterEndpoint` spec, field for field as the original operator documents it.
-//! Files and (later) the CRD deserialize into these types; `model::validate` turns them into the
-//! trusted model. Nothing here is checked beyond its shape.
+//! Files and CRD objects deserialize into these types; `model::validate` turns them into the
+//! trusted model. Nothing here is checked beyond its shape, except what the CRD schema lets the
+//! API server enforce (the `schemars` attributes; see `model::crd`).
 
 use std::collections::BTreeMap;
 
+use kube::CustomResource;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// One `ClusterEndpoint` document as it appears in a YAML or TOML file.
@@ -65,33 +68,81 @@ impl<'de> Deserialize<'de> for IgnoredValue {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+// The spec of a definition file and of a `ClusterEndpoint` object alike. The derive generates the
+// object type `ClusterEndpoint` (see `model::crd` for its status and the finished CRD).
+/// A selectorless Service named like the object, whose endpoints are the hosts of each port,
+/// probed like the kubelet probes pods.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, CustomResource, JsonSchema)]
+// Clippy takes the repeated `type_ = "string"` of two printer columns for a duplicate attribute.
+#[allow(clippy::duplicated_attributes)]
+#[kube(
+    group = "sealos.io",
+    version = "v1beta1",
+    kind = "ClusterEndpoint",
+    namespaced,
+    shortname = "cep",
+    status = "crate::model::crd::ClusterEndpointStatus",
+    derive = "PartialEq",
+    doc = "A Service for hosts outside the cluster, with health-checked endpoints.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.readyHosts",
+        description = "Ready hosts of all, counted per port"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClusterEndpointSpec {
     /// `None` makes the Service headless; an IP asks for that ClusterIP; absent lets the API
     /// server allocate one.
     #[serde(rename = "clusterIP")]
     pub cluster_ip: Option<String>,
+    /// How often each host is probed, in seconds (default 10).
+    #[schemars(range(min = 1), extend("default" = 10))]
     pub period_seconds: Option<i64>,
+    /// Port names are unique (at most one port may leave its name out).
     #[serde(default)]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"]
+    ))]
     pub ports: Vec<PortSpec>,
-    /// Target clusters by name; absent means every configured cluster.
+    /// Target clusters by name; absent means every configured cluster (for an object: the
+    /// cluster it is in).
     pub clusters: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortSpec {
+    /// Required when there is more than one port.
     #[serde(default)]
     pub name: String,
+    /// TCP (default), UDP or SCTP.
     pub protocol: Option<String>,
+    /// The Service port.
+    #[schemars(range(min = 1, max = 65535))]
     pub port: i64,
+    /// The port on the hosts (default, or 0: `port`). 0 is allowed because clients of the
+    /// original operator send it for "unset".
+    #[schemars(range(min = 0, max = 65535))]
     pub target_port: Option<i64>,
+    /// IP addresses.
     #[serde(default)]
     pub hosts: Vec<String>,
+    #[schemars(range(min = 1), extend("default" = 1))]
     pub timeout_seconds: Option<i64>,
+    #[schemars(range(min = 1), extend("default" = 1))]
     pub success_threshold: Option<i64>,
+    #[schemars(range(min = 1), extend("default" = 3))]
     pub failure_threshold: Option<i64>,
+    #[schemars(range(min = 0))]
     pub initial_delay_seconds: Option<i64>,
     pub tcp_socket: Option<TcpSocketSpec>,
     pub http_get: Option<HttpGetSpec>,
@@ -99,7 +150,7 @@ pub struct PortSpec {
     pub grpc: Option<GrpcSpec>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpSocketSpec {
     /// Off unless set, as in the original operator: a probe block with `enable: false` is inert.
@@ -107,7 +158,7 @@ pub struct TcpSocketSpec {
     pub enable: bool,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpGetSpec {
     pub path: Option<String>,
@@ -120,7 +171,7 @@ pub struct HttpGetSpec {
 
 /// TLS for a probe. With `caBundle` the server certificate must chain to it and match
 /// `serverName` (default: the host's IP address); without it nothing is verified.
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TlsSpec {
     /// PEM certificates to trust.
@@ -128,7 +179,7 @@ pub struct TlsSpec {
     pub server_name: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpHeader {
     pub name: String,
@@ -136,7 +187,7 @@ pub struct HttpHeader {
     pub value: String,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UdpSocketSpec {
     /// Off unless set, as in the original operator: a probe block with `enable: false` is inert.
@@ -146,6 +197,7 @@ pub struct UdpSocketSpec {
 }
 
 /// The original schema said "byte array" while its own README example used a string: accept both.
+/// Its CRD schema is hand-written (`model::crd`): a derived one would not be structural.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(untagged)]
 pub enum UdpData {
@@ -153,7 +205,7 @@ pub enum UdpData {
     Bytes(Vec<u8>),
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcSpec {
     /// Off unless set, as in the original operator: a probe block with `enable: false` is inert.

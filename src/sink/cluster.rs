@@ -22,6 +22,8 @@ use crate::probe::{HealthBoard, TargetKey};
 #[serde(rename_all = "camelCase")]
 pub struct ClusterStatus {
     pub name: String,
+    /// Whether the API server answered the last request (`null` before the first one).
+    pub connected: Option<bool>,
     #[serde(serialize_with = "crate::timefmt::rfc3339_opt")]
     pub last_successful_apply: Option<SystemTime>,
     pub last_error: Option<String>,
@@ -63,8 +65,9 @@ pub struct ClusterSink {
     pub(super) applied: HashMap<DefinitionKey, Applied>,
     /// When each not-yet-applied definition was first seen, for [`Self::hold_back`].
     first_seen: HashMap<DefinitionKey, Instant>,
-    /// Failing definitions: when to try again, and how long the next wait will be.
-    retry: HashMap<DefinitionKey, (Instant, Backoff)>,
+    /// Failing definitions: when to try again, how long the next wait will be, and whether the
+    /// failure was the cluster being unreachable (as opposed to the API refusing the objects).
+    retry: HashMap<DefinitionKey, Retry>,
 }
 
 impl ClusterSink {
@@ -163,6 +166,7 @@ impl ClusterSink {
         dirty: &mut BTreeSet<DefinitionKey>,
     ) -> Option<Instant> {
         let mut wake: Option<Instant> = None;
+        let mut back_online = false;
         let mut later = |at: Instant| wake = Some(wake.map_or(at, |w| w.min(at)));
         for key in std::mem::take(dirty) {
             let def = snapshot
@@ -172,7 +176,7 @@ impl ClusterSink {
             let due = self
                 .retry
                 .get(&key)
-                .map(|(at, _)| *at)
+                .map(|r| r.at)
                 .filter(|at| *at > Instant::now());
             let held = def.and_then(|d| self.hold_back(d));
             if let Some(at) = due.or(held) {
@@ -189,7 +193,11 @@ impl ClusterSink {
                 Ok(()) => {
                     self.first_seen.remove(&key);
                     self.retry.remove(&key);
+                    if !back_online {
+                        back_online = self.retry.values().any(|r| r.unreachable);
+                    }
                     self.update_status(|s| {
+                        s.connected = Some(true);
                         s.conflicts.remove(&name);
                         s.errors.remove(&name);
                     });
@@ -198,25 +206,35 @@ impl ClusterSink {
                     let reason = SyncError::SelectorConflict(svc).to_string();
                     warn!(cluster = %self.name, definition = %key, "{reason}");
                     self.update_status(|s| {
+                        s.connected = Some(true);
                         s.conflicts.insert(name, reason);
                     });
                 }
                 Err(e) => {
-                    let (at, backoff) = self
-                        .retry
-                        .entry(key.clone())
-                        .or_insert_with(|| (Instant::now(), Backoff::default()));
-                    *at = Instant::now() + backoff.next();
-                    later(*at);
+                    let unreachable = e.is_unreachable();
+                    let retry = self.retry.entry(key.clone()).or_default();
+                    retry.at = Instant::now() + retry.backoff.next();
+                    retry.unreachable = unreachable;
+                    later(retry.at);
                     let error = error_chain(&e);
                     warn!(cluster = %self.name, definition = %key, %error, "apply failed; will retry");
                     self.update_status(|s| {
+                        s.connected = Some(!unreachable);
                         s.last_error = Some(format!("{key}: {error}"));
                         s.errors.insert(name, error);
                     });
                     dirty.insert(key);
                 }
             }
+        }
+        // The cluster answers again: everything that failed only because it was unreachable is
+        // brought up to date in the next pass, not after each one's backoff.
+        if back_online {
+            for retry in self.retry.values_mut().filter(|r| r.unreachable) {
+                retry.at = Instant::now();
+                retry.backoff = Backoff::default();
+            }
+            later(Instant::now());
         }
         let pending = self.retry.len();
         self.update_status(|s| s.pending = pending);
@@ -275,6 +293,30 @@ async fn sleep_until_or_forever(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[derive(Debug)]
+struct Retry {
+    at: Instant,
+    backoff: Backoff,
+    unreachable: bool,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            at: Instant::now(),
+            backoff: Backoff::default(),
+            unreachable: false,
+        }
+    }
+}
+
+impl SyncError {
+    /// No answer from the API server (as opposed to an answer refusing the request).
+    fn is_unreachable(&self) -> bool {
+        matches!(self, SyncError::Kube(e) if !matches!(e, kube::Error::Api(_)))
     }
 }
 

@@ -808,6 +808,12 @@ async fn restart_without_flap(cp: &'static ControlPlane) -> Result<()> {
         ("web-80-tcp-ipv4", &h2, true),
     ]);
     slices_become(&s, "web", &both, Duration::from_secs(30)).await?;
+    // The Endpoints are written after the slices: wait for them too, then the daemon is at rest.
+    watch::until(s.api::<Endpoints>(), OURS, Duration::from_secs(10), |e| {
+        e.get("web")
+            .is_some_and(|e| endpoints_split(e).0.len() == 2)
+    })
+    .await?;
     let before = resource_versions(&s).await?;
 
     // SIGTERM: the daemon exits 0 and leaves every object as it is.

@@ -6,6 +6,8 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod clusters;
+mod crd;
 mod daemon;
 mod packaging;
 mod probes;
@@ -15,13 +17,14 @@ mod smoke;
 use std::process::ExitCode;
 
 /// The cases of every test module of this binary.
-const SUITES: &[fn() -> Vec<support::Case>] =
-    &[
+const SUITES: &[fn() -> Vec<support::Case>] = &[
     smoke::cases,
     daemon::cases,
     packaging::cases,
     probes::cases,
     reload::cases,
+    clusters::cases,
+    crd::cases,
 ];
 
 fn main() -> ExitCode {

@@ -186,6 +186,11 @@ async fn host_failures(_: &'static ControlPlane) -> Result<()> {
     host1.link_up()?;
     connect(addr1).await.context("host1 after link_up")?;
 
+    // The kernel completes a connect before the server task accepts it: give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while server1.hits() < 3 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     ensure!(
         server1.hits() >= 3,
         "server1 counted {} connections",
