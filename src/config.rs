@@ -10,9 +10,14 @@ use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/endpoints-operator/config.toml";
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Names this daemon in the labels of what it writes. Objects of a definition removed from
+    /// the files are deleted only when they carry this name, so two daemons with different
+    /// names can share a cluster without deleting each other's objects.
+    #[serde(default = "default_instance")]
+    pub instance: String,
     #[serde(default)]
     pub status: StatusConfig,
     #[serde(default)]
@@ -23,6 +28,22 @@ pub struct Config {
     pub clusters: Vec<ClusterConfig>,
     #[serde(default)]
     pub probes: ProbesConfig,
+}
+
+fn default_instance() -> String {
+    "default".into()
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            instance: default_instance(),
+            status: StatusConfig::default(),
+            sources: SourcesConfig::default(),
+            clusters: Vec::new(),
+            probes: ProbesConfig::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -175,6 +196,22 @@ fn describe(error: &figment::Error) -> String {
 }
 
 fn validate(config: &Config, file: &str) -> Result<(), ConfigError> {
+    let label_value = |v: &str| {
+        !v.is_empty()
+            && v.len() <= 63
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric())
+    };
+    if !label_value(&config.instance) {
+        return Err(ConfigError::Field {
+            file: file.into(),
+            field: "instance".into(),
+            value: config.instance.clone(),
+            reason: "must be a label value: 1-63 letters, digits, '-', '_' or '.'".into(),
+        });
+    }
     let mut seen = std::collections::HashSet::new();
     for (i, c) in config.clusters.iter().enumerate() {
         let field = format!("clusters[{i}].name");

@@ -56,7 +56,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         for key in ready_hosts(client.clone(), Duration::from_secs(5)).await {
             engine.board().seed_ready(&key);
         }
-        let sink = ClusterSink::new(cluster.name.clone(), client, engine.board());
+        let sink = ClusterSink::new(
+            cluster.name.clone(),
+            config.instance.clone(),
+            client,
+            engine.board(),
+        );
         cluster_status.push(sink.status());
         tokio::spawn(sink.run(desired_rx.clone(), changes.subscribe()));
     }

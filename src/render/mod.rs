@@ -25,6 +25,12 @@ pub const MANAGED_BY_VALUE: &str = "endpoints-operator";
 pub const SLICE_MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
 pub const SLICE_CONTROLLER: &str = "endpoints-operator.sealos.io";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Which daemon wrote an object and from which kind of source: pruning only ever deletes
+/// objects whose labels match the pruner's own instance and source.
+pub const INSTANCE_LABEL: &str = "endpoints-operator.sealos.io/instance";
+pub const SOURCE_LABEL: &str = "endpoints-operator.sealos.io/source";
+/// Definitions from files; the only source so far.
+pub const SOURCE_FILE: &str = "file";
 /// Keeps the mirroring controller from copying our Endpoints into duplicate slices.
 pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
@@ -37,13 +43,33 @@ pub struct Objects {
 }
 
 /// Renders the objects; `ready` answers for probed hosts (static ports are always ready).
-pub fn render(def: &Definition, ready: impl Fn(&Port, IpAddr) -> bool) -> Objects {
+/// `instance` names the daemon (config `instance`) in every object's labels.
+pub fn render(def: &Definition, instance: &str, ready: impl Fn(&Port, IpAddr) -> bool) -> Objects {
     let is_ready = |port: &Port, host: IpAddr| port.check.is_none() || ready(port, host);
-    Objects {
+    let mut objects = Objects {
         service: service(def),
         slices: slices(def, &is_ready),
         endpoints: endpoints(def, &is_ready),
+    };
+    let ours = [(INSTANCE_LABEL, instance), (SOURCE_LABEL, SOURCE_FILE)];
+    let metas = std::iter::once(&mut objects.service.metadata)
+        .chain(objects.slices.iter_mut().map(|s| &mut s.metadata))
+        .chain(std::iter::once(&mut objects.endpoints.metadata));
+    for meta in metas {
+        let labels = meta.labels.get_or_insert_with(Default::default);
+        labels.extend(ours.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     }
+    objects
+}
+
+/// Whether labels mark an object as written from files by this daemon instance: the only
+/// objects it may delete when their definition is gone.
+pub fn pruneable(labels: Option<&BTreeMap<String, String>>, instance: &str) -> bool {
+    let Some(labels) = labels else { return false };
+    let is = |key: &str, value: &str| labels.get(key).is_some_and(|v| v == value);
+    is(MANAGED_BY_LABEL, MANAGED_BY_VALUE)
+        && is(INSTANCE_LABEL, instance)
+        && is(SOURCE_LABEL, SOURCE_FILE)
 }
 
 fn meta(def: &Definition, name: String, extra: &[(&str, &str)]) -> ObjectMeta {
@@ -249,7 +275,7 @@ spec:
 
     #[test]
     fn the_service_has_no_selector_and_every_port() {
-        let objects = render(&definition(TWO_PORTS), |_, _| true);
+        let objects = render(&definition(TWO_PORTS), "default", |_, _| true);
         let spec = objects.service.spec.unwrap();
         assert!(spec.selector.is_none());
         assert_eq!(spec.cluster_ip, None);
@@ -279,7 +305,7 @@ spec:
 
     #[test]
     fn one_slice_per_port_and_family_with_sorted_single_address_endpoints() {
-        let objects = render(&definition(TWO_PORTS), |_, ip| {
+        let objects = render(&definition(TWO_PORTS), "default", |_, ip| {
             ip != "10.0.0.9".parse::<IpAddr>().unwrap()
         });
         let names: Vec<_> = objects
@@ -314,7 +340,7 @@ spec:
 
     #[test]
     fn endpoints_split_ready_and_not_ready_and_skip_mirroring() {
-        let objects = render(&definition(TWO_PORTS), |_, ip| {
+        let objects = render(&definition(TWO_PORTS), "default", |_, ip| {
             ip != "10.0.0.9".parse::<IpAddr>().unwrap()
         });
         assert_eq!(
@@ -332,7 +358,7 @@ spec:
 
     #[test]
     fn a_static_port_is_ready_whatever_the_board_says() {
-        let objects = render(&definition(TWO_PORTS), |_, _| false);
+        let objects = render(&definition(TWO_PORTS), "default", |_, _| false);
         let metrics = &objects.slices[2];
         assert_eq!(
             metrics.endpoints.as_ref().unwrap()[0]
@@ -357,7 +383,7 @@ spec:
         );
         let names: BTreeSet<String> = [a, b, c]
             .iter()
-            .flat_map(|d| render(d, |_, _| true).slices)
+            .flat_map(|d| render(d, "default", |_, _| true).slices)
             .filter_map(|s| s.metadata.name)
             .collect();
         assert_eq!(names.len(), 3, "{names:?}");
@@ -372,7 +398,7 @@ spec:
             "metadata: {{name: big}}\nspec:\n  ports: [{{port: 80, hosts: [{}]}}]\n",
             hosts.join(", ")
         ));
-        let slices = render(&def, |_, _| true).slices;
+        let slices = render(&def, "default", |_, _| true).slices;
         let shape: Vec<(String, usize)> = slices
             .iter()
             .map(|s| {
@@ -397,12 +423,12 @@ spec:
         let def = definition(
             "metadata: {name: h}\nspec:\n  clusterIP: None\n  ports: [{port: 80, hosts: [10.0.0.2]}]\n",
         );
-        let a = render(&def, |_, _| true);
+        let a = render(&def, "default", |_, _| true);
         assert_eq!(
             a.service.spec.as_ref().unwrap().cluster_ip.as_deref(),
             Some("None")
         );
         assert_eq!(a.slices[0].metadata.name.as_deref(), Some("h-80-tcp-ipv4"));
-        assert_eq!(a, render(&def, |_, _| true));
+        assert_eq!(a, render(&def, "default", |_, _| true));
     }
 }

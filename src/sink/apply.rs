@@ -18,15 +18,14 @@ use crate::model::{Definition, DefinitionKey};
 use crate::probe::TargetKey;
 use crate::probe::state::Readiness;
 use crate::render::{
-    self, FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_NAME_LABEL, SLICE_CONTROLLER,
-    SLICE_MANAGED_BY_LABEL,
+    self, FIELD_MANAGER, SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable,
 };
 
 impl ClusterSink {
     #[instrument(skip_all, fields(cluster = %self.name, definition = %def.key))]
     pub(super) async fn sync(&mut self, def: &Definition) -> Result<(), SyncError> {
         let board = self.board.clone();
-        let objects = render::render(def, |port, host| {
+        let objects = render::render(def, &self.instance, |port, host| {
             let key = TargetKey {
                 definition: def.key.clone(),
                 port: port.name.clone(),
@@ -116,8 +115,9 @@ impl ClusterSink {
             key.name
         );
         for slice in api.list(&ListParams::default().labels(&selector)).await? {
+            let ours = pruneable(slice.metadata.labels.as_ref(), &self.instance);
             let name = slice.metadata.name.unwrap_or_default();
-            if !keep.contains(&name) {
+            if ours && !keep.contains(&name) {
                 api.delete(&name, &DeleteParams::default()).await?;
                 info!(cluster = %self.name, definition = %key, slice = %name, "deleted stale EndpointSlice");
                 self.update_status(|s| s.writes += 1);
@@ -128,13 +128,14 @@ impl ClusterSink {
 
     /// Deletes what this daemon applied for a definition that is gone (or no longer targets us).
     pub(super) async fn remove(&mut self, key: &DefinitionKey) -> Result<(), SyncError> {
-        if self.applied.contains_key(key) {
+        if self.applied.contains_key(key) || self.orphans.contains(key) {
             self.delete_if_ours::<Service>(key).await?;
             self.delete_if_ours::<Endpoints>(key).await?;
             self.prune_slices(key, &BTreeSet::new()).await?;
             info!(cluster = %self.name, definition = %key, "removed objects of a deleted definition");
         }
         self.applied.remove(key);
+        self.orphans.remove(key);
         Ok(())
     }
 
@@ -149,12 +150,7 @@ impl ClusterSink {
         let Some(existing) = api.get_opt(&key.name).await? else {
             return Ok(());
         };
-        let ours = existing
-            .meta()
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(MANAGED_BY_LABEL))
-            .is_some_and(|v| v == MANAGED_BY_VALUE);
+        let ours = pruneable(existing.meta().labels.as_ref(), &self.instance);
         if ours {
             api.delete(&key.name, &DeleteParams::default()).await?;
             self.update_status(|s| s.writes += 1);

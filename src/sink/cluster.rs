@@ -59,6 +59,8 @@ pub(super) enum SyncError {
 
 pub struct ClusterSink {
     pub(super) name: String,
+    /// This daemon's instance name, written into labels and required for pruning.
+    pub(super) instance: String,
     pub(super) client: Client,
     pub(super) board: Arc<HealthBoard>,
     status: Arc<Mutex<ClusterStatus>>,
@@ -68,16 +70,20 @@ pub struct ClusterSink {
     /// Failing definitions: when to try again, how long the next wait will be, and whether the
     /// failure was the cluster being unreachable (as opposed to the API refusing the objects).
     retry: HashMap<DefinitionKey, Retry>,
+    /// Definitions with objects of ours in the cluster but no definition any more.
+    pub(super) orphans: BTreeSet<DefinitionKey>,
 }
 
 impl ClusterSink {
-    pub fn new(name: String, client: Client, board: Arc<HealthBoard>) -> Self {
+    pub fn new(name: String, instance: String, client: Client, board: Arc<HealthBoard>) -> Self {
         let status = ClusterStatus {
             name: name.clone(),
             ..Default::default()
         };
         ClusterSink {
             name,
+            instance,
+            orphans: BTreeSet::new(),
             client,
             board,
             status: Arc::new(Mutex::new(status)),
@@ -102,7 +108,7 @@ impl ClusterSink {
         mut changes: broadcast::Receiver<DefinitionKey>,
     ) {
         let (notices_tx, mut notices) = mpsc::channel(1024);
-        drift::spawn(self.client.clone(), notices_tx);
+        drift::spawn(self.client.clone(), &self.instance, notices_tx);
         let mut dirty = BTreeSet::new();
         let mut full = true;
         loop {
@@ -123,7 +129,7 @@ impl ClusterSink {
                     Err(broadcast::error::RecvError::Lagged(_)) => full = true,
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
-                Some(notice) = notices.recv() => self.drifted(notice, &mut dirty),
+                Some(notice) = notices.recv() => self.drifted(notice, &mut dirty, &desired.borrow()),
                 () = sleep_until_or_forever(wake) => {}
             }
             // Coalesce a burst of transitions and notices into one pass.
@@ -137,15 +143,25 @@ impl ClusterSink {
                 }
             }
             while let Ok(notice) = notices.try_recv() {
-                self.drifted(notice, &mut dirty);
+                self.drifted(notice, &mut dirty, &desired.borrow());
             }
         }
     }
 
     /// A change the cluster reports: our own writes carry the resourceVersion we recorded and are
     /// ignored; anything else forgets the cached object so the next pass re-applies it.
-    fn drifted(&mut self, notice: Notice, dirty: &mut BTreeSet<DefinitionKey>) {
+    /// Objects of ours whose definition no longer exists (removed while the daemon was down,
+    /// or never ours to keep) are pruned when they carry our instance and source labels.
+    fn drifted(&mut self, notice: Notice, dirty: &mut BTreeSet<DefinitionKey>, desired: &Desired) {
         let Some(applied) = self.applied.get_mut(&notice.definition) else {
+            let wanted = desired
+                .definitions
+                .get(&notice.definition)
+                .is_some_and(|d| d.targets(&self.name));
+            if notice.pruneable && notice.resource_version.is_some() && !wanted {
+                self.orphans.insert(notice.definition.clone());
+                dirty.insert(notice.definition);
+            }
             return;
         };
         let cache_key = (notice.kind, notice.name.clone());

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::model::DefinitionKey;
-use crate::render::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_NAME_LABEL};
+use crate::render::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_NAME_LABEL, pruneable};
 
 /// One object of ours as the cluster now has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,17 +23,31 @@ pub struct Notice {
     pub name: String,
     /// `None`: the object was deleted.
     pub resource_version: Option<String>,
+    /// Written from files by this daemon instance, so deletable once its definition is gone.
+    pub pruneable: bool,
 }
 
 /// Watches Services, Endpoints and EndpointSlices carrying our label, in every namespace, and
 /// sends a notice per change. Watch errors are retried with the watcher's own backoff.
-pub fn spawn(client: Client, notices: mpsc::Sender<Notice>) {
-    tokio::spawn(watch::<Service>(client.clone(), notices.clone()));
-    tokio::spawn(watch::<Endpoints>(client.clone(), notices.clone()));
-    tokio::spawn(watch::<EndpointSlice>(client, notices));
+pub fn spawn(client: Client, instance: &str, notices: mpsc::Sender<Notice>) {
+    tokio::spawn(watch::<Service>(
+        client.clone(),
+        instance.to_string(),
+        notices.clone(),
+    ));
+    tokio::spawn(watch::<Endpoints>(
+        client.clone(),
+        instance.to_string(),
+        notices.clone(),
+    ));
+    tokio::spawn(watch::<EndpointSlice>(
+        client,
+        instance.to_string(),
+        notices,
+    ));
 }
 
-async fn watch<K>(client: Client, notices: mpsc::Sender<Notice>)
+async fn watch<K>(client: Client, instance: String, notices: mpsc::Sender<Notice>)
 where
     K: k8s_openapi::Resource
         + Resource<DynamicType = ()>
@@ -57,7 +71,7 @@ where
                 continue;
             }
         };
-        let Some(notice) = notice_of(&object, deleted) else {
+        let Some(notice) = notice_of(&object, deleted, &instance) else {
             continue;
         };
         if notices.send(notice).await.is_err() {
@@ -66,7 +80,11 @@ where
     }
 }
 
-fn notice_of<K: k8s_openapi::Resource + Resource>(object: &K, deleted: bool) -> Option<Notice> {
+fn notice_of<K: k8s_openapi::Resource + Resource>(
+    object: &K,
+    deleted: bool,
+    instance: &str,
+) -> Option<Notice> {
     let meta = object.meta();
     let name = meta.name.clone()?;
     // A slice belongs to the Service named in its label; the other kinds share the Service name.
@@ -82,6 +100,7 @@ fn notice_of<K: k8s_openapi::Resource + Resource>(object: &K, deleted: bool) -> 
         },
         kind: K::KIND,
         name,
+        pruneable: pruneable(meta.labels.as_ref(), instance),
         resource_version: if deleted {
             None
         } else {

@@ -16,10 +16,16 @@ const OURS: &str = "app.kubernetes.io/managed-by=endpoints-operator";
 const WITHIN: Duration = Duration::from_secs(2);
 
 pub fn cases() -> Vec<Case> {
-    vec![Case::tokio(
-        "reload::file_edits_new_broken_and_deleted_files_take_effect_within_two_seconds",
-        file_changes,
-    )]
+    vec![
+        Case::tokio(
+            "reload::objects_of_a_definition_removed_while_stopped_are_pruned_on_start",
+            pruned_on_start,
+        ),
+        Case::tokio(
+            "reload::file_edits_new_broken_and_deleted_files_take_effect_within_two_seconds",
+            file_changes,
+        ),
+    ]
 }
 
 fn definition(name: &str, ns: &str, hosts: &[&Host]) -> String {
@@ -162,6 +168,69 @@ async fn file_changes(cp: &'static ControlPlane) -> Result<()> {
         removed.elapsed() <= WITHIN + Duration::from_secs(1),
         "the removal took {:?}",
         removed.elapsed()
+    );
+    drop(daemon);
+    s.cleanup().await;
+    Ok(())
+}
+
+async fn pruned_on_start(cp: &'static ControlPlane) -> Result<()> {
+    let net = TestNet::new()?;
+    let h1 = net.add_host()?;
+    let _server = h1.serve_tcp(8080)?;
+    let s = Scratch::new(cp, "prune").await?;
+    let daemon = Daemon::start(cp, &[("gone.yaml", definition("gone", &s.ns, &[&h1]))])?;
+    watch::until(
+        s.api::<EndpointSlice>(),
+        "kubernetes.io/service-name=gone",
+        Duration::from_secs(30),
+        |sl| listed(sl) == [h1.ip().to_string()],
+    )
+    .await?;
+    daemon.stop()?;
+
+    // Another daemon instance's object, and one nobody labelled: neither is ours to delete.
+    let mut foreign = Service::default();
+    foreign.metadata.name = Some("foreign".into());
+    foreign.metadata.labels = Some(
+        [
+            ("app.kubernetes.io/managed-by", "endpoints-operator"),
+            ("endpoints-operator.sealos.io/instance", "other"),
+            ("endpoints-operator.sealos.io/source", "file"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    );
+    foreign.spec = Some(k8s_openapi::api::core::v1::ServiceSpec {
+        ports: Some(vec![k8s_openapi::api::core::v1::ServicePort {
+            port: 80,
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    s.api::<Service>()
+        .create(&Default::default(), &foreign)
+        .await?;
+
+    // The definition is gone while the daemon was down: its objects go on the next start.
+    let daemon = Daemon::start(cp, &[])?;
+    watch::until(s.api::<Service>(), OURS, Duration::from_secs(15), |svcs| {
+        !svcs.contains_key("gone")
+    })
+    .await
+    .context("the orphaned Service is pruned")?;
+    watch::until(
+        s.api::<EndpointSlice>(),
+        "kubernetes.io/service-name=gone",
+        Duration::from_secs(10),
+        |sl| sl.is_empty(),
+    )
+    .await
+    .context("its slices are pruned")?;
+    ensure!(
+        s.api::<Service>().get_opt("foreign").await?.is_some(),
+        "another instance's Service is kept"
     );
     drop(daemon);
     s.cleanup().await;
