@@ -115,6 +115,8 @@ pub struct Overrides {
 pub enum ConfigError {
     #[error("config file {0}: not found")]
     Missing(PathBuf),
+    #[error("config file {0}: the file is empty")]
+    Empty(PathBuf),
     #[error("{}", describe(.0))]
     Invalid(Box<figment::Error>),
     #[error("{file}: {field} = {value:?}: {reason}")]
@@ -346,5 +348,35 @@ mod tests {
             err.contains("clusters[1].name") && err.contains("duplicate"),
             "{err}"
         );
+    }
+
+    #[test]
+    // figment's Jail closure must return figment's own (large) error type.
+    #[allow(clippy::result_large_err)]
+    fn layers_are_defaults_then_file_then_environment_then_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("config.toml", "instance = \"bastion\"\n[status]\nlisten = \"127.0.0.1:1\"\n[probes]\nconcurrency = 5\n")?;
+            jail.set_env("ENDPOINTS_OPERATOR_STATUS__LISTEN", "127.0.0.1:2");
+            jail.set_env("ENDPOINTS_OPERATOR_PROBES__CONCURRENCY", "7");
+            let path = jail.directory().join("config.toml");
+            let config = load(Some(&path), &Overrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.instance, "bastion", "file over default");
+            assert_eq!(
+                config.status.listen,
+                "127.0.0.1:2".parse().unwrap(),
+                "environment over file"
+            );
+            assert_eq!(config.probes.concurrency, 7);
+            let flags = Overrides {
+                listen: Some("127.0.0.1:3".parse().unwrap()),
+            };
+            let config = load(Some(&path), &flags).map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.status.listen,
+                "127.0.0.1:3".parse().unwrap(),
+                "flag over environment"
+            );
+            Ok(())
+        });
     }
 }

@@ -1,30 +1,36 @@
 //! `run`: wires sources → model → probe engine → cluster sinks and the status server, then
-//! reloads definitions when their files change (or on SIGHUP) until SIGTERM / Ctrl-C. Stopping
-//! leaves every applied object as it is.
+//! follows changes until SIGTERM / Ctrl-C: definition files and the config file are watched (and
+//! SIGHUP reloads both). A broken config keeps the running one. Stopping leaves every applied
+//! object as it is.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
-use crate::model::{Desired, unknown_clusters};
-use crate::probe::Engine;
+use crate::config::{self, ClusterConfig, Config, Overrides};
+use crate::model::{Definition, DefinitionKey, Desired, Problem, unknown_clusters};
+use crate::probe::{Engine, HealthBoard};
 use crate::sink::{ClusterSink, ClusterStatus, connect, ready_hosts};
 use crate::sources::files::{self, Loaded};
 use crate::sources::watch::FileWatch;
-use crate::status::{self, StatusState};
+use crate::status::{self, SharedClusters, StatusState};
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    let clusters = config.target_clusters();
-    let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
+pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+    let mut config = config::load(config_path.as_deref(), &overrides)?;
+    let config_file = config_path
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG_PATH));
     // Watch before the first read, so an edit during start-up is not missed.
-    let mut file_watch =
-        FileWatch::new(&config.sources.paths).context("watching definition files")?;
+    let mut file_watch = watch_all(&config, &config_file)?;
     let mut loaded = files::load(&config.sources.paths);
-    let desired = Arc::new(desired_of(&loaded, &names, &Desired::default()));
+    let mut config_problem: Option<Problem>;
+    let desired = Arc::new(desired_of(&loaded, &config, None, &Desired::default()));
     info!(
         definitions = desired.definitions.len(),
         problems = desired.problems.len(),
@@ -37,43 +43,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (desired_tx, desired_rx) = watch::channel(desired.clone());
     engine.reconcile(desired.definitions.values());
 
-    let mut cluster_status = Vec::new();
-    for cluster in clusters {
-        // A cluster whose kubeconfig cannot be used is reported; the others still run.
-        let client = match connect(&cluster).await {
-            Ok(client) => client,
-            Err(e) => {
-                error!(cluster = %cluster.name, error = %format!("{e:#}"), "cluster unusable; skipped");
-                let status = ClusterStatus {
-                    name: cluster.name.clone(),
-                    last_error: Some(format!("{e:#}")),
-                    ..Default::default()
-                };
-                cluster_status.push(Arc::new(Mutex::new(status)));
-                continue;
-            }
-        };
-        for key in ready_hosts(client.clone(), Duration::from_secs(5)).await {
-            engine.board().seed_ready(&key);
-        }
-        let sink = ClusterSink::new(
-            cluster.name.clone(),
-            config.instance.clone(),
-            client,
-            engine.board(),
-        );
-        cluster_status.push(sink.status());
-        tokio::spawn(sink.run(desired_rx.clone(), changes.subscribe()));
-    }
+    let mut sinks = Sinks {
+        running: BTreeMap::new(),
+        shown: SharedClusters::default(),
+    };
+    sinks
+        .follow(&config, engine.board(), &desired_rx, &changes)
+        .await;
 
     let listener = status::bind(config.status.listen)
         .await
         .with_context(|| format!("status server cannot listen on {}", config.status.listen))?;
     info!(listen = %config.status.listen, "status server listening");
     let state = StatusState {
-        desired: desired_rx,
+        desired: desired_rx.clone(),
         board: engine.board(),
-        clusters: cluster_status,
+        clusters: sinks.shown.clone(),
     };
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, status::router(state)).await {
@@ -86,16 +71,45 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            () = file_watch.changed() => {
-                loaded = files::reload(&config.sources.paths, &loaded);
-                let current = desired_tx.borrow().clone();
-                let next = desired_of(&loaded, &names, &current);
-                if next != *current {
-                    info!(definitions = next.definitions.len(), problems = next.problems.len(), "definitions reloaded");
-                    engine.reconcile(next.definitions.values());
-                    desired_tx.send_replace(Arc::new(next));
+            () = file_watch.changed() => {}
+        }
+        match reload_config(config_path.as_deref(), &config_file, &overrides) {
+            Ok(next) if next != config => {
+                if next.probes != config.probes || next.status != config.status {
+                    warn!("probes.* and status.* take effect at the next restart");
                 }
+                if next.sources != config.sources {
+                    file_watch = watch_all(&next, &config_file)?;
+                }
+                config = next;
+                config_problem = None;
+                sinks
+                    .follow(&config, engine.board(), &desired_rx, &changes)
+                    .await;
+                info!("configuration reloaded");
             }
+            Ok(_) => config_problem = None,
+            Err(e) => {
+                let problem = Problem {
+                    origin: config_file.display().to_string(),
+                    field: String::new(),
+                    value: String::new(),
+                    reason: format!("{e}; the running configuration stays in force"),
+                };
+                config_problem = Some(problem);
+            }
+        }
+        loaded = files::reload(&config.sources.paths, &loaded);
+        let current = desired_tx.borrow().clone();
+        let next = desired_of(&loaded, &config, config_problem.as_ref(), &current);
+        if next != *current {
+            info!(
+                definitions = next.definitions.len(),
+                problems = next.problems.len(),
+                "definitions reloaded"
+            );
+            engine.reconcile(next.definitions.values());
+            desired_tx.send_replace(Arc::new(next));
         }
     }
     info!("shutting down; applied objects are left as they are");
@@ -103,15 +117,125 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reloads the config; an empty file is taken for one being written, not for "all defaults"
+/// (which would drop every configured cluster).
+fn reload_config(
+    path: Option<&std::path::Path>,
+    file: &std::path::Path,
+    overrides: &Overrides,
+) -> Result<Config, config::ConfigError> {
+    if std::fs::read_to_string(file).is_ok_and(|text| text.trim().is_empty()) {
+        return Err(config::ConfigError::Empty(file.to_path_buf()));
+    }
+    config::load(path, overrides)
+}
+
+fn watch_all(config: &Config, config_file: &std::path::Path) -> anyhow::Result<FileWatch> {
+    let mut paths = config.sources.paths.clone();
+    paths.push(config_file.to_path_buf());
+    FileWatch::new(&paths).context("watching definition and config files")
+}
+
+/// The running cluster sinks, kept in line with the configured clusters.
+struct Sinks {
+    running: BTreeMap<String, (ClusterConfig, String, JoinHandle<()>)>,
+    shown: SharedClusters,
+}
+
+impl Sinks {
+    /// Starts sinks for new clusters, restarts changed ones, stops removed ones. A removed
+    /// cluster keeps its objects: taking a cluster out of the config is not a request to empty it.
+    async fn follow(
+        &mut self,
+        config: &Config,
+        board: Arc<HealthBoard>,
+        desired: &watch::Receiver<Arc<Desired>>,
+        changes: &broadcast::Sender<DefinitionKey>,
+    ) {
+        let wanted: BTreeMap<String, ClusterConfig> = config
+            .target_clusters()
+            .into_iter()
+            .map(|c| (c.name.clone(), c))
+            .collect();
+        self.running.retain(|name, (cluster, instance, task)| {
+            let keep = wanted.get(name) == Some(cluster) && *instance == config.instance;
+            if !keep {
+                task.abort();
+                info!(cluster = %name, "cluster sink stopped");
+            }
+            keep
+        });
+        let mut shown = Vec::new();
+        for (name, cluster) in wanted {
+            if self.running.contains_key(&name) {
+                let existing = self
+                    .shown
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .find(|s| status_name(s) == name)
+                    .cloned();
+                shown.extend(existing);
+                continue;
+            }
+            // A cluster whose kubeconfig cannot be used is reported; the others still run.
+            let client = match connect(&cluster).await {
+                Ok(client) => client,
+                Err(e) => {
+                    error!(cluster = %name, error = %format!("{e:#}"), "cluster unusable; skipped");
+                    let status = ClusterStatus {
+                        name: name.clone(),
+                        last_error: Some(format!("{e:#}")),
+                        ..Default::default()
+                    };
+                    shown.push(Arc::new(Mutex::new(status)));
+                    continue;
+                }
+            };
+            // Trust what the cluster already shows as ready until probes say otherwise.
+            for key in ready_hosts(client.clone(), Duration::from_secs(5)).await {
+                board.seed_ready(&key);
+            }
+            let sink =
+                ClusterSink::new(name.clone(), config.instance.clone(), client, board.clone());
+            shown.push(sink.status());
+            let task = tokio::spawn(sink.run(desired.clone(), changes.subscribe()));
+            self.running
+                .insert(name, (cluster, config.instance.clone(), task));
+        }
+        *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = shown;
+    }
+}
+
+fn status_name(status: &Arc<Mutex<ClusterStatus>>) -> String {
+    status
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .name
+        .clone()
+}
+
 /// The desired state the files describe, with problems logged once when they first appear.
-fn desired_of(loaded: &Loaded, clusters: &[String], previous: &Desired) -> Desired {
-    let mut problems = loaded.problems.clone();
-    problems.extend(unknown_clusters(loaded.definitions.values(), clusters));
+fn desired_of(
+    loaded: &Loaded,
+    config: &Config,
+    config_problem: Option<&Problem>,
+    previous: &Desired,
+) -> Desired {
+    let names: Vec<String> = config
+        .target_clusters()
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let definitions: BTreeMap<DefinitionKey, Definition> = loaded.definitions.clone();
+    let mut problems: Vec<Problem> = config_problem.into_iter().cloned().collect();
+    problems.extend(loaded.problems.iter().cloned());
+    problems.extend(unknown_clusters(definitions.values(), &names));
     for problem in problems.iter().filter(|p| !previous.problems.contains(p)) {
         warn!(%problem, "definition problem");
     }
     Desired {
-        definitions: loaded.definitions.clone(),
+        definitions,
         problems,
     }
 }

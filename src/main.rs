@@ -80,17 +80,10 @@ fn main() -> ExitCode {
     init_tracing(log_format);
     match command {
         Command::Run { config, listen } => {
-            let config = match config::load(config.config.as_deref(), &Overrides { listen }) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(2);
-                }
-            };
             // One crypto stack for kube, reqwest and tonic.
             let _ = rustls::crypto::ring::default_provider().install_default();
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match runtime.block_on(daemon::run(config)) {
+            match runtime.block_on(daemon::run(config.config, Overrides { listen })) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");

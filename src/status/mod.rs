@@ -19,8 +19,11 @@ use crate::sink::ClusterStatus;
 pub struct StatusState {
     pub desired: watch::Receiver<Arc<Desired>>,
     pub board: Arc<HealthBoard>,
-    pub clusters: Vec<Arc<Mutex<ClusterStatus>>>,
+    pub clusters: SharedClusters,
 }
+
+/// The status of each configured cluster; the list changes when the config is reloaded.
+pub type SharedClusters = Arc<Mutex<Vec<Arc<Mutex<ClusterStatus>>>>>;
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -107,6 +110,8 @@ pub fn report(state: &StatusState) -> StatusReport {
         .collect();
     let clusters = state
         .clusters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
         .iter()
         .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).clone())
         .collect();

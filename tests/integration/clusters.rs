@@ -15,10 +15,16 @@ use crate::support::daemon::{Daemon, free_port};
 use crate::support::{Case, ControlPlane, Host, TestNet, watch};
 
 pub fn cases() -> Vec<Case> {
-    vec![Case::tokio(
-        "clusters::fan_out_to_two_clusters_survives_one_api_server_going_away",
-        fan_out,
-    )]
+    vec![
+        Case::tokio(
+            "clusters::clusters_added_to_or_removed_from_the_config_apply_without_a_restart",
+            config_reload,
+        ),
+        Case::tokio(
+            "clusters::fan_out_to_two_clusters_survives_one_api_server_going_away",
+            fan_out,
+        ),
+    ]
 }
 
 async fn namespace(client: &Client, name: &str) -> Result<()> {
@@ -152,6 +158,88 @@ async fn fan_out(a: &'static ControlPlane) -> Result<()> {
     );
     drop(daemon);
     tokio::task::spawn_blocking(move || b.shutdown()).await?;
+    let _ = Api::<Namespace>::all(client_a)
+        .delete(&ns, &Default::default())
+        .await;
+    Ok(())
+}
+
+async fn config_reload(a: &'static ControlPlane) -> Result<()> {
+    let c = tokio::task::spawn_blocking(|| ControlPlane::start("third")).await??;
+    let net = TestNet::new()?;
+    let h1 = net.add_host()?;
+    let _server = h1.serve_tcp(8080)?;
+    let ns = format!("cfgreload-{}", std::process::id());
+    let (client_a, client_c) = (a.client(), c.client());
+    namespace(&client_a, &ns).await?;
+    namespace(&client_c, &ns).await?;
+    let daemon = Daemon::start(a, &[("web.yaml", definition("web", &ns, &[&h1], None))])?;
+    let ready = expect(&[("web-80-tcp-ipv4", &h1, true)]);
+    slices_in(&client_a, &ns, "web", &ready, Duration::from_secs(30)).await?;
+
+    // A cluster added to the config file is served without a restart.
+    let config = daemon.dir().join("config.toml");
+    let original = std::fs::read_to_string(&config)?;
+    let third = format!(
+        "[[clusters]]\nname = \"third\"\nkubeconfig = \"{}\"\n",
+        c.kubeconfig_path().display()
+    );
+    std::fs::write(&config, format!("{original}{third}"))?;
+    slices_in(&client_c, &ns, "web", &ready, Duration::from_secs(10))
+        .await
+        .context("the added cluster gets the objects")?;
+
+    // A broken config keeps the running one and says so.
+    std::fs::write(&config, "[[clusters]\nname = ")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = daemon.status().await?;
+        if status["problems"]
+            .to_string()
+            .contains("running configuration stays in force")
+        {
+            ensure!(
+                status["clusters"].as_array().map(Vec::len) == Some(2),
+                "both clusters still served: {status}"
+            );
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no problem reported for the broken config"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Taken out again: the daemon stops writing there (and leaves its objects).
+    std::fs::write(&config, &original)?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = daemon.status().await?;
+        let names: Vec<String> = status["clusters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(String::from))
+            .collect();
+        if names == ["test"] && !status["problems"].to_string().contains("config.toml") {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "cluster third still served: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(
+        Api::<Service>::namespaced(client_c, &ns)
+            .get_opt("web")
+            .await?
+            .is_some(),
+        "objects stay in a removed cluster"
+    );
+    drop(daemon);
+    tokio::task::spawn_blocking(move || c.shutdown()).await?;
     let _ = Api::<Namespace>::all(client_a)
         .delete(&ns, &Default::default())
         .await;
