@@ -288,6 +288,16 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// Runs a test with the environment guarded: the layering test sets ENDPOINTS_OPERATOR_*
+    /// variables, which would otherwise leak into tests running beside it.
+    #[allow(clippy::result_large_err)]
+    fn isolated(test: impl FnOnce()) {
+        figment::Jail::expect_with(|_| {
+            test();
+            Ok(())
+        });
+    }
+
     fn write(dir: &Path, text: &str) -> PathBuf {
         let path = dir.join("config.toml");
         std::fs::write(&path, text).unwrap();
@@ -296,58 +306,66 @@ mod tests {
 
     #[test]
     fn the_file_overrides_defaults_and_relative_paths_follow_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            dir.path(),
-            "[sources]\npaths = [\"endpoints.d\"]\n[[clusters]]\nname = \"east\"\nkubeconfig = \"kc\"\n",
-        );
-        let config = load(Some(&path), &Overrides::default()).unwrap();
-        assert_eq!(config.status.listen, "127.0.0.1:9480".parse().unwrap());
-        assert_eq!(config.sources.paths, [dir.path().join("endpoints.d")]);
-        assert_eq!(config.clusters[0].kubeconfig, Some(dir.path().join("kc")));
+        isolated(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write(
+                dir.path(),
+                "[sources]\npaths = [\"endpoints.d\"]\n[[clusters]]\nname = \"east\"\nkubeconfig = \"kc\"\n",
+            );
+            let config = load(Some(&path), &Overrides::default()).unwrap();
+            assert_eq!(config.status.listen, "127.0.0.1:9480".parse().unwrap());
+            assert_eq!(config.sources.paths, [dir.path().join("endpoints.d")]);
+            assert_eq!(config.clusters[0].kubeconfig, Some(dir.path().join("kc")));
+        });
     }
 
     #[test]
     fn flags_win_over_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "[status]\nlisten = \"127.0.0.1:1\"\n");
-        let overrides = Overrides {
-            listen: Some("127.0.0.1:2".parse().unwrap()),
-        };
-        assert_eq!(
-            load(Some(&path), &overrides).unwrap().status.listen,
-            "127.0.0.1:2".parse().unwrap()
-        );
+        isolated(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write(dir.path(), "[status]\nlisten = \"127.0.0.1:1\"\n");
+            let overrides = Overrides {
+                listen: Some("127.0.0.1:2".parse().unwrap()),
+            };
+            assert_eq!(
+                load(Some(&path), &overrides).unwrap().status.listen,
+                "127.0.0.1:2".parse().unwrap()
+            );
+        });
     }
 
     #[test]
     fn unknown_keys_and_missing_files_are_errors() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "[status]\nlisen = \"127.0.0.1:1\"\n");
-        let err = load(Some(&path), &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("lisen"), "{err}");
-        let err = load(Some(&dir.path().join("nope.toml")), &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("nope.toml"), "{err}");
+        isolated(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write(dir.path(), "[status]\nlisen = \"127.0.0.1:1\"\n");
+            let err = load(Some(&path), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("lisen"), "{err}");
+            let err = load(Some(&dir.path().join("nope.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("nope.toml"), "{err}");
+        });
     }
 
     #[test]
     fn duplicate_cluster_names_are_rejected() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            dir.path(),
-            "[[clusters]]\nname = \"a\"\n[[clusters]]\nname = \"a\"\n",
-        );
-        let err = load(Some(&path), &Overrides::default())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("clusters[1].name") && err.contains("duplicate"),
-            "{err}"
-        );
+        isolated(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write(
+                dir.path(),
+                "[[clusters]]\nname = \"a\"\n[[clusters]]\nname = \"a\"\n",
+            );
+            let err = load(Some(&path), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("clusters[1].name") && err.contains("duplicate"),
+                "{err}"
+            );
+        });
     }
 
     #[test]

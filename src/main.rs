@@ -3,6 +3,7 @@
 mod config;
 mod daemon;
 mod model;
+mod plan;
 mod probe;
 mod probe_command;
 mod render;
@@ -55,6 +56,12 @@ enum Command {
         /// Definition files or folders to check instead of `sources.paths`.
         files: Vec<PathBuf>,
     },
+    /// Show what `run` would create, update and delete in each cluster, changing nothing; exit 1
+    /// on problems in the config or definitions or an unreachable cluster.
+    Plan {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Probe every host of the given definition files once and print a table; exit 1 if any fails.
     Probe {
         /// Definition files or folders.
@@ -92,6 +99,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Check { config, files } => check(config.config, files),
+        Command::Plan { config } => plan::run(config.config.as_deref()),
         Command::Probe { files } => {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");

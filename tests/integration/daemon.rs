@@ -802,7 +802,7 @@ async fn restart_without_flap(cp: &'static ControlPlane) -> Result<()> {
     // successThreshold 3: without trusting the cluster, a restart would show the hosts not ready
     // for two periods.
     let definition = web_definition(&s.ns, &[&h1, &h2]);
-    let daemon = Daemon::start(cp, &[("web.yaml", definition.clone())])?;
+    let daemon = Daemon::start_as(cp, &[("web.yaml", definition.clone())], &s.ns)?;
     let both = expect(&[
         ("web-80-tcp-ipv4", &h1, true),
         ("web-80-tcp-ipv4", &h2, true),
@@ -824,7 +824,7 @@ async fn restart_without_flap(cp: &'static ControlPlane) -> Result<()> {
         "stopping the daemon changed objects"
     );
 
-    let daemon = Daemon::start(cp, &[("web.yaml", definition)])?;
+    let daemon = Daemon::start_as(cp, &[("web.yaml", definition)], &s.ns)?;
     let labels = "kubernetes.io/service-name=web";
     watch::never(
         s.api::<EndpointSlice>(),

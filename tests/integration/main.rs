@@ -10,6 +10,7 @@ mod clusters;
 mod crd;
 mod daemon;
 mod packaging;
+mod plan;
 mod probes;
 mod reload;
 mod smoke;
@@ -25,6 +26,7 @@ const SUITES: &[fn() -> Vec<support::Case>] = &[
     reload::cases,
     clusters::cases,
     crd::cases,
+    plan::cases,
 ];
 
 fn main() -> ExitCode {

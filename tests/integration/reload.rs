@@ -179,7 +179,11 @@ async fn pruned_on_start(cp: &'static ControlPlane) -> Result<()> {
     let h1 = net.add_host()?;
     let _server = h1.serve_tcp(8080)?;
     let s = Scratch::new(cp, "prune").await?;
-    let daemon = Daemon::start(cp, &[("gone.yaml", definition("gone", &s.ns, &[&h1]))])?;
+    let daemon = Daemon::start_as(
+        cp,
+        &[("gone.yaml", definition("gone", &s.ns, &[&h1]))],
+        &s.ns,
+    )?;
     watch::until(
         s.api::<EndpointSlice>(),
         "kubernetes.io/service-name=gone",
@@ -214,7 +218,7 @@ async fn pruned_on_start(cp: &'static ControlPlane) -> Result<()> {
         .await?;
 
     // The definition is gone while the daemon was down: its objects go on the next start.
-    let daemon = Daemon::start(cp, &[])?;
+    let daemon = Daemon::start_as(cp, &[], &s.ns)?;
     watch::until(s.api::<Service>(), OURS, Duration::from_secs(15), |svcs| {
         !svcs.contains_key("gone")
     })

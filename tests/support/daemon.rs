@@ -54,6 +54,22 @@ impl Daemon {
         status: SocketAddr,
         extra: &str,
     ) -> Result<Daemon> {
+        Daemon::launch(cp, files, status, extra, &unique_instance())
+    }
+
+    /// Starts with a given `instance` name: a second daemon with the same name takes over (and
+    /// prunes) what the first one wrote.
+    pub fn start_as(cp: &ControlPlane, files: &[(&str, String)], instance: &str) -> Result<Daemon> {
+        Daemon::launch(cp, files, free_port()?, "", instance)
+    }
+
+    fn launch(
+        cp: &ControlPlane,
+        files: &[(&str, String)],
+        status: SocketAddr,
+        extra: &str,
+        instance: &str,
+    ) -> Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("eo-daemon-").tempdir()?;
         let definitions = dir.path().join("endpoints.d");
         std::fs::create_dir(&definitions)?;
@@ -64,7 +80,7 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "[status]\nlisten = \"{status}\"\n[sources]\npaths = [\"endpoints.d\"]\n\
+                "instance = \"{instance}\"\n[status]\nlisten = \"{status}\"\n[sources]\npaths = [\"endpoints.d\"]\n\
                  [[clusters]]\nname = \"{}\"\nkubeconfig = \"{}\"\n{extra}",
                 cp.name(),
                 cp.kubeconfig_path().display()
@@ -149,6 +165,18 @@ impl Daemon {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// Tests run side by side on one API server; each daemon gets its own instance name so its
+/// pruning never touches another test's objects.
+fn unique_instance() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn free_port() -> Result<SocketAddr> {
