@@ -156,6 +156,26 @@ async fn fan_out(a: &'static ControlPlane) -> Result<()> {
         second.as_ref().is_some_and(|c| c["connected"] == true),
         "cluster second reported connected: {second:?}"
     );
+
+    // Cluster second leaves the definition's `clusters` list: its objects go from there only.
+    let web = definition("web", &ns, &[&h1, &h2], Some("test"));
+    std::fs::write(daemon.definitions_dir().join("web.yaml"), web)?;
+    let ours = "app.kubernetes.io/managed-by=endpoints-operator";
+    watch::until(
+        Api::<Service>::namespaced(client_b.clone(), &ns),
+        ours,
+        Duration::from_secs(5),
+        |svcs| !svcs.contains_key("web"),
+    )
+    .await
+    .context("web leaves cluster second")?;
+    ensure!(
+        Api::<Service>::namespaced(client_a.clone(), &ns)
+            .get_opt("web")
+            .await?
+            .is_some(),
+        "web stays in cluster test"
+    );
     drop(daemon);
     tokio::task::spawn_blocking(move || b.shutdown()).await?;
     let _ = Api::<Namespace>::all(client_a)
