@@ -123,7 +123,7 @@ fn main() -> ExitCode {
             ExitCode::from(130)
         }
         Err(e) => {
-            eprintln!("bench: {e:?}");
+            eprintln!("bench: {e:#}");
             ExitCode::FAILURE
         }
     }
@@ -235,7 +235,8 @@ async fn bench(cp: &ControlPlane, args: &Args) -> Result<String> {
     // until then, so the memory read next is what probing and applying alone cost.
     let started = Instant::now();
     let all_ips: Vec<IpAddr> = hosts.iter().map(|h| IpAddr::V4(h.ip())).collect();
-    let limit = 3 * period + Duration::from_secs(120);
+    // Generous: a slow start is itself a figure worth seeing in the table.
+    let limit = 3 * period + Duration::from_secs(300);
     let mut shown = usize::MAX;
     loop {
         check_alive(&daemon)?;
@@ -252,8 +253,13 @@ async fn bench(cp: &ControlPlane, args: &Args) -> Result<String> {
             break;
         }
         if started.elapsed() > limit {
+            let clusters = match daemon.status().await {
+                Ok(status) => status["clusters"].to_string(),
+                Err(e) => format!("(no status: {e:#})"),
+            };
             bail!(
-                "only {ready}/{targets} targets ready in the slices after {limit:?}\n{}",
+                "only {ready}/{targets} targets ready in the slices after {limit:?}; \
+                 clusters on the status API: {clusters}\n{}",
                 daemon.log_tail(30)
             );
         }
@@ -281,11 +287,13 @@ async fn bench(cp: &ControlPlane, args: &Args) -> Result<String> {
     let s0 = daemon.status().await?;
     let s0_at = Instant::now();
     let cpu0 = process_ticks(pid)?;
+    let threads0 = thread_ticks(pid);
     let self0 = process_ticks(std::process::id())?.total();
     let machine0 = machine_ticks()?;
     let t0 = Instant::now();
     tokio::time::sleep(window).await;
     let cpu1 = process_ticks(pid)?;
+    let threads1 = thread_ticks(pid);
     let self1 = process_ticks(std::process::id())?.total();
     let machine1 = machine_ticks()?;
     let wall = t0.elapsed().as_secs_f64();
@@ -299,6 +307,7 @@ async fn bench(cp: &ControlPlane, args: &Args) -> Result<String> {
         cpu_percent: 100.0 * (cpu1.total() - cpu0.total()) as f64 / ticks / wall,
         user_percent: 100.0 * (cpu1.user - cpu0.user) as f64 / ticks / wall,
         sys_percent: 100.0 * (cpu1.system - cpu0.system) as f64 / ticks / wall,
+        threads: thread_percentages(&threads0, &threads1, ticks, wall),
         status_call,
         status_bytes: serde_json::to_vec(&s1).map_or(0, |v| v.len()),
         bench_percent: 100.0 * (self1 - self0) as f64 / ticks / wall,
@@ -355,6 +364,8 @@ struct Rest {
     cpu_percent: f64,
     user_percent: f64,
     sys_percent: f64,
+    /// Per thread of the daemon (by name), % of one core.
+    threads: String,
     /// One `GET /api/v1/status` at rest, and the size of its JSON.
     status_call: Duration,
     status_bytes: usize,
@@ -590,6 +601,7 @@ fn report(
         ),
         &format!("≤ {GOAL_CPU_PERCENT} %{goal_note}"),
     );
+    row("  by thread", rest.threads.clone(), "");
     row(
         "daemon RSS peak (VmHWM) / now",
         format!("{:.1} MiB / {:.1} MiB", rest.peak_mib, rest.rss_mib),
@@ -1083,8 +1095,13 @@ impl Ticks {
 
 /// utime and stime of a process from `/proc/PID/stat`.
 fn process_ticks(pid: u32) -> Result<Ticks> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat (did the process exit?)"))?;
+    process_ticks_at(&format!("/proc/{pid}/stat"))
+}
+
+/// utime and stime from a `stat` file of a process or thread.
+fn process_ticks_at(path: &str) -> Result<Ticks> {
+    let stat = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {path} (did the process exit?)"))?;
     // Fields resume after the command name's last ')': state is field 3, utime 14, stime 15.
     let fields: Vec<&str> = stat[stat.rfind(')').context("odd /proc stat")? + 1..]
         .split_whitespace()
@@ -1093,12 +1110,55 @@ fn process_ticks(pid: u32) -> Result<Ticks> {
         fields
             .get(n - 3)
             .and_then(|f| f.parse().ok())
-            .with_context(|| format!("/proc/{pid}/stat field {n}"))
+            .with_context(|| format!("{path} field {n}"))
     };
     Ok(Ticks {
         user: field(14)?,
         system: field(15)?,
     })
+}
+
+/// CPU ticks of each thread of a process, by thread id, with the thread's name.
+fn thread_ticks(pid: u32) -> BTreeMap<u32, (String, u64)> {
+    let mut out = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if let Ok(ticks) = process_ticks_at(&task.path().join("stat").display().to_string()) {
+            out.insert(tid, (name.trim().to_string(), ticks.total()));
+        }
+    }
+    out
+}
+
+/// "name a %, name b %": threads that used CPU between the two readings, busiest first.
+fn thread_percentages(
+    before: &BTreeMap<u32, (String, u64)>,
+    after: &BTreeMap<u32, (String, u64)>,
+    ticks: f64,
+    wall: f64,
+) -> String {
+    let mut used: Vec<(String, f64)> = after
+        .iter()
+        .map(|(tid, (name, t))| {
+            let t0 = before.get(tid).map_or(0, |(_, t0)| *t0);
+            (
+                name.clone(),
+                100.0 * t.saturating_sub(t0) as f64 / ticks / wall,
+            )
+        })
+        .filter(|(_, pct)| *pct >= 0.05)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    used.iter()
+        .map(|(name, pct)| format!("{name} {pct:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// (VmHWM, VmRSS) in KiB.

@@ -187,10 +187,17 @@ fn describe(error: &figment::Error) -> String {
                 .cloned()
                 .collect::<Vec<_>>()
                 .join(".");
+            // Parser messages span several lines with a caret picture; logs and JSON want one.
+            let kind = e
+                .kind
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             if key.is_empty() {
-                format!("{source}: {}", e.kind)
+                format!("{source}: {kind}")
             } else {
-                format!("{source}: {key}: {}", e.kind)
+                format!("{source}: {key}: {kind}")
             }
         })
         .collect::<Vec<_>>()

@@ -185,6 +185,7 @@ impl Sinks {
                     error!(cluster = %name, error = %format!("{e:#}"), "cluster unusable; skipped");
                     let status = ClusterStatus {
                         name: name.clone(),
+                        connected: Some(false),
                         last_error: Some(format!("{e:#}")),
                         ..Default::default()
                     };

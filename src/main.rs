@@ -160,7 +160,7 @@ fn check(config_path: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
         "{} file(s), {} definition(s), {ports} port(s), {hosts} host(s), {} problem(s)",
         loaded.files.len(),
         loaded.definitions.len(),
-        loaded.problems.len()
+        loaded.problems.len() + config_errors
     );
     if loaded.problems.is_empty() && config_errors == 0 {
         ExitCode::SUCCESS

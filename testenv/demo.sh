@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) -eq 0 ]] || { echo "demo: run as root (it creates network namespaces)" >&2; exit 1; }
+echo "demo: building the daemon and the demo (the first time takes a few minutes)…" >&2
 cargo build --quiet --bin endpoints-operator --example demo
 exec target/debug/examples/demo "$@"
