@@ -244,7 +244,9 @@ async fn run_target(
             return;
         };
         board.stats.record(scheduled.elapsed());
-        let outcome = probe(&spec.check, spec.addr, spec.timing.timeout).await;
+        // Boxed: the probe future (TLS, HTTP and gRPC clients inside) is kilobytes, and inline it
+        // would make each of thousands of idle target tasks that large between probes.
+        let outcome = Box::pin(probe(&spec.check, spec.addr, spec.timing.timeout)).await;
         let (changed, first) = board.record(&key, &outcome, thresholds);
         if let Some(readiness) = changed {
             match &outcome.result {
@@ -305,6 +307,37 @@ mod tests {
 
     fn task_ids(engine: &Engine) -> Vec<tokio::task::Id> {
         engine.running.values().map(|(_, task)| task.id()).collect()
+    }
+
+    #[test]
+    fn an_idle_target_task_stays_small() {
+        let (changes, _) = broadcast::channel(1);
+        let spec = TargetSpec {
+            check: Arc::new(Check::Tcp),
+            timing: definition(1, Duration::from_secs(1), Check::Tcp).ports[0].timing,
+            addr: (Ipv4Addr::LOCALHOST, 1).into(),
+        };
+        let key = TargetKey {
+            definition: DefinitionKey {
+                namespace: "n".into(),
+                name: "d".into(),
+            },
+            port: "p".into(),
+            host: Ipv4Addr::LOCALHOST.into(),
+        };
+        let task = run_target(
+            key,
+            spec,
+            Arc::default(),
+            Arc::new(Semaphore::new(1)),
+            changes,
+        );
+        // Thousands of these live at once; the probe itself is allocated only while it runs.
+        assert!(
+            std::mem::size_of_val(&task) < 1024,
+            "{} bytes",
+            std::mem::size_of_val(&task)
+        );
     }
 
     #[tokio::test]
