@@ -25,7 +25,17 @@ impl FileWatch {
     pub fn new(paths: &[PathBuf]) -> std::io::Result<FileWatch> {
         let (tx, notices) = mpsc::channel(1);
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            // Only changes count: reading the files on reload raises access events, which
+            // must not trigger the next reload.
+            let changed = event.is_ok_and(|e| {
+                matches!(
+                    e.kind,
+                    notify::EventKind::Create(_)
+                        | notify::EventKind::Modify(_)
+                        | notify::EventKind::Remove(_)
+                )
+            });
+            if changed {
                 // A full channel already holds a pending reload; that is enough.
                 let _ = tx.try_send(());
             }
@@ -73,5 +83,26 @@ fn watch_path(watcher: &mut notify::RecommendedWatcher, path: &Path) {
     };
     if let Err(e) = watcher.watch(target, RecursiveMode::NonRecursive) {
         warn!(path = %target.display(), error = %e, "cannot watch; changes here need SIGHUP");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reading_the_files_is_not_a_change_but_writing_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, "x: 1\n").unwrap();
+        let mut watch = FileWatch::new(&[dir.path().to_path_buf()]).unwrap();
+        // What every reload does: open and read the files.
+        for _ in 0..3 {
+            std::fs::read_to_string(&file).unwrap();
+        }
+        let quiet = tokio::time::timeout(Duration::from_millis(600), watch.changed()).await;
+        assert!(quiet.is_err(), "reading the files was taken for a change");
+        std::fs::write(&file, "x: 2\n").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watch.changed()).await.expect("a write is a change");
     }
 }
