@@ -103,6 +103,8 @@ mod tests {
         let quiet = tokio::time::timeout(Duration::from_millis(600), watch.changed()).await;
         assert!(quiet.is_err(), "reading the files was taken for a change");
         std::fs::write(&file, "x: 2\n").unwrap();
-        tokio::time::timeout(Duration::from_secs(5), watch.changed()).await.expect("a write is a change");
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .expect("a write is a change");
     }
 }
