@@ -1,39 +1,51 @@
 //! Writing one definition's objects into one cluster: server-side apply of what changed, pruning
-//! of slices that are no longer rendered, and removal of a definition that is gone.
+//! of slices that are no longer rendered, and removal of a definition that is gone. A [`Writer`]
+//! holds no per-definition state, so a sink can run several definitions' writes at once; each
+//! call gets that definition's cache entry and updates it.
 
 use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Api, Resource};
+use kube::{Api, Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, instrument};
 
-use super::cluster::{ClusterSink, SyncError};
+use super::cluster::{Applied, ClusterStatus, SyncError};
 use crate::model::{Definition, DefinitionKey};
-use crate::probe::TargetKey;
-use crate::probe::state::Readiness;
 use crate::render::{
-    self, FIELD_MANAGER, SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable,
+    FIELD_MANAGER, Objects, SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable,
 };
 
-impl ClusterSink {
+#[derive(Clone)]
+pub(super) struct Writer {
+    pub name: String,
+    pub client: Client,
+    pub instance: String,
+    pub status: Arc<Mutex<ClusterStatus>>,
+}
+
+impl Writer {
+    fn count_write(&self) {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).writes += 1;
+    }
+
+    /// Applies what changed. `entry` is `None` the first time: then an existing Service with a
+    /// selector is refused, and the entry is created once something was written.
     #[instrument(skip_all, fields(cluster = %self.name, definition = %def.key))]
-    pub(super) async fn sync(&mut self, def: &Definition) -> Result<(), SyncError> {
-        let board = self.board.clone();
-        let objects = render::render(def, &self.instance, |port, host| {
-            let key = TargetKey {
-                definition: def.key.clone(),
-                port: port.name.clone(),
-                host,
-            };
-            board.readiness(&key) == Readiness::Ready
-        });
-        if !self.applied.contains_key(&def.key) {
+    pub async fn sync(
+        &self,
+        def: &Definition,
+        objects: Objects,
+        entry: &mut Option<Applied>,
+    ) -> Result<(), SyncError> {
+        let first = entry.is_none();
+        if first {
             let services: Api<Service> = Api::namespaced(self.client.clone(), &def.key.namespace);
             if let Some(existing) = services.get_opt(&def.key.name).await?
                 && existing
@@ -45,28 +57,37 @@ impl ClusterSink {
                 return Err(SyncError::SelectorConflict(def.key.to_string()));
             }
         }
-        self.apply(def, objects.service).await?;
+        let applied = entry.get_or_insert_with(Applied::default);
+        self.apply(&def.key, objects.service, applied).await?;
         let slice_names: BTreeSet<String> = objects
             .slices
             .iter()
             .filter_map(|s| s.metadata.name.clone())
             .collect();
         for slice in objects.slices {
-            self.apply(def, slice).await?;
+            self.apply(&def.key, slice, applied).await?;
         }
-        self.apply(def, objects.endpoints).await?;
-        let previous = self.applied.get(&def.key).map(|a| a.slice_names.clone());
-        if previous.as_ref() != Some(&slice_names) {
+        self.apply(&def.key, objects.endpoints, applied).await?;
+        // The first time, slices left by an earlier run (another shape, fewer hosts) go too.
+        if first || applied.slice_names != slice_names {
             self.prune_slices(&def.key, &slice_names).await?;
         }
-        self.applied.entry(def.key.clone()).or_default().slice_names = slice_names;
-        self.update_status(|s| s.last_successful_apply = Some(SystemTime::now()));
+        applied.slice_names = slice_names;
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_successful_apply = Some(SystemTime::now());
         Ok(())
     }
 
     /// Server-side apply, skipped when the rendered object equals the last one applied and the
     /// cluster has not changed it since.
-    async fn apply<K>(&mut self, def: &Definition, object: K) -> Result<(), SyncError>
+    async fn apply<K>(
+        &self,
+        key: &DefinitionKey,
+        object: K,
+        applied: &mut Applied,
+    ) -> Result<(), SyncError>
     where
         K: k8s_openapi::Resource
             + Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -78,14 +99,14 @@ impl ClusterSink {
         let name = object.meta().name.clone().unwrap_or_default();
         let rendered = serde_json::to_value(&object)?;
         let cache_key = (K::KIND, name.clone());
-        let cached = self
-            .applied
-            .get(&def.key)
-            .and_then(|a| a.objects.get(&cache_key));
-        if cached.is_some_and(|(value, _)| *value == rendered) {
+        if applied
+            .objects
+            .get(&cache_key)
+            .is_some_and(|(value, _)| *value == rendered)
+        {
             return Ok(());
         }
-        let api: Api<K> = Api::namespaced(self.client.clone(), &def.key.namespace);
+        let api: Api<K> = Api::namespaced(self.client.clone(), &key.namespace);
         let written = api
             .patch(
                 &name,
@@ -94,18 +115,14 @@ impl ClusterSink {
             )
             .await?;
         debug!(kind = K::KIND, %name, "applied");
-        self.update_status(|s| s.writes += 1);
+        self.count_write();
         let version = written.meta().resource_version.clone().unwrap_or_default();
-        self.applied
-            .entry(def.key.clone())
-            .or_default()
-            .objects
-            .insert(cache_key, (rendered, version));
+        applied.objects.insert(cache_key, (rendered, version));
         Ok(())
     }
 
     async fn prune_slices(
-        &mut self,
+        &self,
         key: &DefinitionKey,
         keep: &BTreeSet<String>,
     ) -> Result<(), SyncError> {
@@ -120,26 +137,23 @@ impl ClusterSink {
             if ours && !keep.contains(&name) {
                 api.delete(&name, &DeleteParams::default()).await?;
                 info!(cluster = %self.name, definition = %key, slice = %name, "deleted stale EndpointSlice");
-                self.update_status(|s| s.writes += 1);
+                self.count_write();
             }
         }
         Ok(())
     }
 
-    /// Deletes what this daemon applied for a definition that is gone (or no longer targets us).
-    pub(super) async fn remove(&mut self, key: &DefinitionKey) -> Result<(), SyncError> {
-        if self.applied.contains_key(key) || self.orphans.contains(key) {
-            self.delete_if_ours::<Service>(key).await?;
-            self.delete_if_ours::<Endpoints>(key).await?;
-            self.prune_slices(key, &BTreeSet::new()).await?;
-            info!(cluster = %self.name, definition = %key, "removed objects of a deleted definition");
-        }
-        self.applied.remove(key);
-        self.orphans.remove(key);
+    /// Deletes what this daemon wrote for a definition that is gone (or no longer targets this
+    /// cluster, or is an orphan found in the cluster).
+    pub async fn remove(&self, key: &DefinitionKey) -> Result<(), SyncError> {
+        self.delete_if_ours::<Service>(key).await?;
+        self.delete_if_ours::<Endpoints>(key).await?;
+        self.prune_slices(key, &BTreeSet::new()).await?;
+        info!(cluster = %self.name, definition = %key, "removed objects of a deleted definition");
         Ok(())
     }
 
-    async fn delete_if_ours<K>(&mut self, key: &DefinitionKey) -> Result<(), SyncError>
+    async fn delete_if_ours<K>(&self, key: &DefinitionKey) -> Result<(), SyncError>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Clone
@@ -150,10 +164,9 @@ impl ClusterSink {
         let Some(existing) = api.get_opt(&key.name).await? else {
             return Ok(());
         };
-        let ours = pruneable(existing.meta().labels.as_ref(), &self.instance);
-        if ours {
+        if pruneable(existing.meta().labels.as_ref(), &self.instance) {
             api.delete(&key.name, &DeleteParams::default()).await?;
-            self.update_status(|s| s.writes += 1);
+            self.count_write();
         }
         Ok(())
     }

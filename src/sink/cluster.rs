@@ -13,9 +13,13 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::apply::Writer;
 use super::drift::{self, Notice};
 use crate::model::{Definition, DefinitionKey, Desired};
+use crate::probe::state::Readiness;
 use crate::probe::{HealthBoard, TargetKey};
+use crate::render::{self, Objects};
+use futures::StreamExt;
 
 /// What the status page shows about one cluster.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -39,7 +43,7 @@ pub struct ClusterStatus {
 
 /// The objects last applied for one definition: rendered content and the resourceVersion the
 /// API server answered with.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(super) struct Applied {
     pub objects: HashMap<(&'static str, String), (serde_json::Value, String)>,
     pub slice_names: BTreeSet<String>,
@@ -58,12 +62,10 @@ pub(super) enum SyncError {
 }
 
 pub struct ClusterSink {
-    pub(super) name: String,
-    /// This daemon's instance name, written into labels and required for pruning.
-    pub(super) instance: String,
-    pub(super) client: Client,
-    pub(super) board: Arc<HealthBoard>,
-    status: Arc<Mutex<ClusterStatus>>,
+    name: String,
+    /// The API side: client, instance name (written into labels, required for pruning), status.
+    writer: Writer,
+    board: Arc<HealthBoard>,
     pub(super) applied: HashMap<DefinitionKey, Applied>,
     /// When each not-yet-applied definition was first seen, for [`Self::hold_back`].
     first_seen: HashMap<DefinitionKey, Instant>,
@@ -80,13 +82,17 @@ impl ClusterSink {
             name: name.clone(),
             ..Default::default()
         };
+        let writer = Writer {
+            name: name.clone(),
+            client,
+            instance,
+            status: Arc::new(Mutex::new(status)),
+        };
         ClusterSink {
             name,
-            instance,
+            writer,
             orphans: BTreeSet::new(),
-            client,
             board,
-            status: Arc::new(Mutex::new(status)),
             applied: HashMap::new(),
             first_seen: HashMap::new(),
             retry: HashMap::new(),
@@ -94,11 +100,23 @@ impl ClusterSink {
     }
 
     pub fn status(&self) -> Arc<Mutex<ClusterStatus>> {
-        self.status.clone()
+        self.writer.status.clone()
     }
 
-    pub(super) fn update_status(&self, f: impl FnOnce(&mut ClusterStatus)) {
-        f(&mut self.status.lock().unwrap_or_else(|e| e.into_inner()));
+    fn update_status(&self, f: impl FnOnce(&mut ClusterStatus)) {
+        f(&mut self.writer.status.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// The objects for a definition with the readiness the engine sees now.
+    fn render(&self, def: &Definition) -> Objects {
+        render::render(def, &self.writer.instance, |port, host| {
+            let key = TargetKey {
+                definition: def.key.clone(),
+                port: port.name.clone(),
+                host,
+            };
+            self.board.readiness(&key) == Readiness::Ready
+        })
     }
 
     /// Runs until the desired-state channel closes.
@@ -108,7 +126,11 @@ impl ClusterSink {
         mut changes: broadcast::Receiver<DefinitionKey>,
     ) {
         let (notices_tx, mut notices) = mpsc::channel(1024);
-        drift::spawn(self.client.clone(), &self.instance, notices_tx);
+        drift::spawn(
+            self.writer.client.clone(),
+            &self.writer.instance,
+            notices_tx,
+        );
         let mut dirty = BTreeSet::new();
         let mut full = true;
         loop {
@@ -184,6 +206,9 @@ impl ClusterSink {
         let mut wake: Option<Instant> = None;
         let mut back_online = false;
         let mut later = |at: Instant| wake = Some(wake.map_or(at, |w| w.min(at)));
+        // Decide what is due now; the writes then run concurrently, each definition with its
+        // own cache entry moved out of the map and back in afterwards.
+        let mut jobs = Vec::new();
         for key in std::mem::take(dirty) {
             let def = snapshot
                 .definitions
@@ -200,14 +225,44 @@ impl ClusterSink {
                 dirty.insert(key);
                 continue;
             }
-            let result = match def {
-                Some(def) => self.sync(def).await,
-                None => self.remove(&key).await,
+            let entry = self.applied.remove(&key);
+            let job = match def {
+                Some(def) => Job::Sync(Box::new((def.clone(), self.render(def))), entry),
+                None if entry.is_some() || self.orphans.contains(&key) => Job::Remove,
+                None => continue,
             };
+            jobs.push((key, job));
+        }
+        let writer = self.writer.clone();
+        let results: Vec<_> = futures::stream::iter(jobs)
+            .map(|(key, job)| {
+                let writer = writer.clone();
+                async move {
+                    match job {
+                        Job::Sync(work, mut entry) => {
+                            let (def, objects) = *work;
+                            let result = writer.sync(&def, objects, &mut entry).await;
+                            (key, result, entry)
+                        }
+                        Job::Remove => {
+                            let result = writer.remove(&key).await;
+                            (key, result, None)
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        for (key, result, entry) in results {
+            if let Some(entry) = entry {
+                self.applied.insert(key.clone(), entry);
+            }
             let name = key.to_string();
             match result {
                 Ok(()) => {
                     self.first_seen.remove(&key);
+                    self.orphans.remove(&key);
                     self.retry.remove(&key);
                     if !back_online {
                         back_online = self.retry.values().any(|r| r.unreachable);
@@ -334,6 +389,16 @@ impl SyncError {
     fn is_unreachable(&self) -> bool {
         matches!(self, SyncError::Kube(e) if !matches!(e, kube::Error::Api(_)))
     }
+}
+
+/// Definitions written at once per cluster: enough to keep a burst of transitions moving,
+/// few enough not to crowd the API server.
+const WRITES_IN_FLIGHT: usize = 16;
+
+/// One definition's work in a pass.
+enum Job {
+    Sync(Box<(Definition, Objects)>, Option<Applied>),
+    Remove,
 }
 
 /// Exponential retry delay for a failing definition: 0.5 s doubling to 30 s.
