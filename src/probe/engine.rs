@@ -90,11 +90,12 @@ impl HealthBoard {
         self.lock().insert(key.clone(), health);
     }
 
-    /// Starts a target not yet probed as ready (what the cluster already shows), so it takes
-    /// `failureThreshold` failures, not one, to take it out.
+    /// Takes a target that is still undecided as ready (what the cluster already shows), so it
+    /// takes `failureThreshold` failures to take it out. Its first probes may already have run
+    /// without reaching a threshold; a decision the probes did reach is kept.
     pub fn seed_ready(&self, key: &TargetKey) {
         if let Some(health) = self.lock().get_mut(key)
-            && health.last_probe.is_none()
+            && health.state.readiness == Readiness::Unknown
         {
             health.state.readiness = Readiness::Ready;
         }
@@ -307,6 +308,37 @@ mod tests {
 
     fn task_ids(engine: &Engine) -> Vec<tokio::task::Id> {
         engine.running.values().map(|(_, task)| task.id()).collect()
+    }
+
+    #[tokio::test]
+    async fn seeding_trusts_the_cluster_until_the_probes_decide() {
+        let (changes, _) = broadcast::channel(16);
+        let mut engine = Engine::new(1, changes);
+        let def = definition(1, Duration::from_secs(3600), Check::Tcp);
+        engine.reconcile([&def]);
+        let key = engine.running.keys().next().unwrap().clone();
+        let outcome = |ok: bool| Outcome {
+            result: if ok {
+                Ok(())
+            } else {
+                Err(super::super::Failure::Refused)
+            },
+            latency: Duration::ZERO,
+        };
+        let thresholds = Thresholds {
+            success: 3,
+            failure: 2,
+        };
+        // One success below the threshold: still undecided, so the cluster's word counts.
+        engine.board.record(&key, &outcome(true), thresholds);
+        engine.board.seed_ready(&key);
+        assert_eq!(engine.board.readiness(&key), Readiness::Ready);
+        // A decision the probes reached is not overridden.
+        engine.board.record(&key, &outcome(false), thresholds);
+        engine.board.record(&key, &outcome(false), thresholds);
+        engine.board.seed_ready(&key);
+        assert_eq!(engine.board.readiness(&key), Readiness::NotReady);
+        engine.shutdown();
     }
 
     #[test]
