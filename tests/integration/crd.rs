@@ -10,16 +10,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
-};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
 use crate::support::daemon::{binary, run_cli};
-use crate::support::{Case, ControlPlane};
+use crate::support::{Case, ControlPlane, namespace};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const CRD_NAME: &str = "clusterendpoints.sealos.io";
@@ -85,24 +82,6 @@ async fn install(client: &Client) -> Result<CustomResourceDefinition> {
 }
 
 /// A namespace with a generated name, so parallel trials and reruns never collide.
-async fn namespace(client: &Client, prefix: &str) -> Result<String> {
-    let ns: Namespace = serde_json::from_value(json!({
-        "metadata": {"generateName": format!("{prefix}-")}
-    }))?;
-    let ns = Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    ns.metadata
-        .name
-        .context("the API server named the namespace")
-}
-
-async fn delete_namespace(client: &Client, ns: &str) {
-    let _ = Api::<Namespace>::all(client.clone())
-        .delete(ns, &DeleteParams::default())
-        .await;
-}
-
 fn endpoints(client: &Client, ns: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("sealos.io", "v1beta1", "ClusterEndpoint");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "clusterendpoints");
@@ -171,7 +150,7 @@ async fn established(cp: &'static ControlPlane) -> Result<()> {
 async fn original_examples(cp: &'static ControlPlane) -> Result<()> {
     let client = cp.client();
     install(&client).await?;
-    let ns = namespace(&client, "crd-examples").await?;
+    let ns = namespace::create(&client, "crd-examples").await?;
     let result = async {
         let api = endpoints(&client, &ns);
         let text_data = "This is flag data for UDP svc test";
@@ -223,7 +202,7 @@ async fn original_examples(cp: &'static ControlPlane) -> Result<()> {
         Ok(())
     }
     .await;
-    delete_namespace(&client, &ns).await;
+    let _ = namespace::delete(&client, &ns).await;
     result
 }
 
@@ -247,7 +226,7 @@ fn definition(name: &str, spec: Value) -> Result<DynamicObject> {
 async fn rejections(cp: &'static ControlPlane) -> Result<()> {
     let client = cp.client();
     install(&client).await?;
-    let ns = namespace(&client, "crd-rejections").await?;
+    let ns = namespace::create(&client, "crd-rejections").await?;
     let result = async {
         let api = endpoints(&client, &ns);
         let one = |fields: Value| json!({"ports": [port(fields)]});
@@ -339,14 +318,14 @@ async fn rejections(cp: &'static ControlPlane) -> Result<()> {
         Ok(())
     }
     .await;
-    delete_namespace(&client, &ns).await;
+    let _ = namespace::delete(&client, &ns).await;
     result
 }
 
 async fn defaults(cp: &'static ControlPlane) -> Result<()> {
     let client = cp.client();
     install(&client).await?;
-    let ns = namespace(&client, "crd-defaults").await?;
+    let ns = namespace::create(&client, "crd-defaults").await?;
     let result = async {
         let api = endpoints(&client, &ns);
         let expected = |stored: &DynamicObject| {
@@ -397,14 +376,14 @@ async fn defaults(cp: &'static ControlPlane) -> Result<()> {
         Ok(())
     }
     .await;
-    delete_namespace(&client, &ns).await;
+    let _ = namespace::delete(&client, &ns).await;
     result
 }
 
 async fn status(cp: &'static ControlPlane) -> Result<()> {
     let client = cp.client();
     install(&client).await?;
-    let ns = namespace(&client, "crd-status").await?;
+    let ns = namespace::create(&client, "crd-status").await?;
     let result = async {
         let api = endpoints(&client, &ns);
         api.create(
@@ -451,6 +430,6 @@ async fn status(cp: &'static ControlPlane) -> Result<()> {
         Ok(())
     }
     .await;
-    delete_namespace(&client, &ns).await;
+    let _ = namespace::delete(&client, &ns).await;
     result
 }

@@ -9,15 +9,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::{Api, Client};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{sleep, timeout};
 
-use crate::support::{Case, ControlPlane, HttpResponse, TestNet};
+use crate::support::{Case, ControlPlane, HttpResponse, TestNet, namespace};
 
 /// How long a probe-like connect may take before we call it a timeout.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -43,7 +43,7 @@ pub fn cases() -> Vec<Case> {
 
 async fn api_objects(cp: &'static ControlPlane) -> Result<()> {
     let client = cp.client();
-    let ns = create_namespace(&client, "smoke-api").await?;
+    let ns = namespace::create(&client, "smoke-api").await?;
     let pp = PostParams::default();
     Api::<Service>::namespaced(client.clone(), &ns)
         .create(&pp, &object(selectorless_service("db"))?)
@@ -73,12 +73,12 @@ async fn api_objects(cp: &'static ControlPlane) -> Result<()> {
         Err(kube::Error::Api(status)) if status.code == 422 && status.reason == "Invalid" => {}
         other => bail!("a loopback endpoint should be 422 Invalid, got {other:?}"),
     }
-    delete_namespace(&client, &ns).await
+    namespace::delete(&client, &ns).await
 }
 
 async fn controller_manager(cp: &'static ControlPlane) -> Result<()> {
     let client = cp.client();
-    let ns = create_namespace(&client, "smoke-kcm").await?;
+    let ns = namespace::create(&client, "smoke-kcm").await?;
     let pp = PostParams::default();
     Api::<Service>::namespaced(client.clone(), &ns)
         .create(&pp, &object(selectorless_service("web"))?)
@@ -105,7 +105,7 @@ async fn controller_manager(cp: &'static ControlPlane) -> Result<()> {
     .await?;
 
     // Only the namespace controller can finish a namespace deletion.
-    delete_namespace(&client, &ns).await?;
+    namespace::delete(&client, &ns).await?;
     let namespaces = Api::<Namespace>::all(client);
     eventually(
         "the namespace to be gone",
@@ -296,24 +296,6 @@ where
         }
         sleep(Duration::from_millis(250)).await;
     }
-}
-
-/// Creates a namespace with a generated name (so reruns and parallel trials never collide).
-async fn create_namespace(client: &Client, prefix: &str) -> Result<String> {
-    let ns: Namespace = object(json!({"metadata": {"generateName": format!("{prefix}-")}}))?;
-    let ns = Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await?;
-    ns.metadata
-        .name
-        .context("the API server named the namespace")
-}
-
-async fn delete_namespace(client: &Client, ns: &str) -> Result<()> {
-    Api::<Namespace>::all(client.clone())
-        .delete(ns, &DeleteParams::default())
-        .await?;
-    Ok(())
 }
 
 fn selectorless_service(name: &str) -> Value {

@@ -9,6 +9,7 @@ pub mod control_plane;
 pub mod daemon;
 pub mod harness;
 pub mod hosts;
+pub mod namespace;
 mod pki;
 mod process;
 pub mod servers;
