@@ -9,12 +9,12 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 
 use crate::model::DefinitionKey;
-use crate::probe::TargetKey;
+use crate::probe::ServiceHost;
 use crate::render::{SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL};
 
 /// Hosts marked ready in the EndpointSlices this daemon manages. Bounded by `timeout`: an
 /// unreachable cluster just contributes nothing.
-pub async fn ready_hosts(client: Client, timeout: Duration) -> Vec<TargetKey> {
+pub async fn ready_hosts(client: Client, timeout: Duration) -> Vec<ServiceHost> {
     let api: Api<EndpointSlice> = Api::all(client);
     let params =
         ListParams::default().labels(&format!("{SLICE_MANAGED_BY_LABEL}={SLICE_CONTROLLER}"));
@@ -24,7 +24,7 @@ pub async fn ready_hosts(client: Client, timeout: Duration) -> Vec<TargetKey> {
     slices.items.iter().flat_map(ready_in_slice).collect()
 }
 
-fn ready_in_slice(slice: &EndpointSlice) -> Vec<TargetKey> {
+fn ready_in_slice(slice: &EndpointSlice) -> Vec<ServiceHost> {
     let service = slice
         .metadata
         .labels
@@ -51,10 +51,6 @@ fn ready_in_slice(slice: &EndpointSlice) -> Vec<TargetKey> {
         .flatten()
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
         .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()))
-        .map(|host| TargetKey {
-            definition: definition.clone(),
-            port: port.clone(),
-            host,
-        })
+        .map(|host| (definition.clone(), port.clone(), host))
         .collect()
 }

@@ -88,7 +88,7 @@ pub fn report(state: &StatusState) -> StatusReport {
                         .iter()
                         .map(|host| {
                             let key = TargetKey {
-                                definition: def.key.clone(),
+                                definition: def.id(),
                                 port: port.name.clone(),
                                 host: *host,
                             };
