@@ -92,7 +92,9 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
                     objects.insert(list.cluster.clone(), list);
                 }
                 objects.retain(|cluster, _| sinks.running.contains_key(cluster));
-                publish(&desired_of(&loaded, &objects, &config, config_problem.as_ref(), &desired_tx.borrow()), &mut engine, &desired_tx);
+                // A separate statement: the borrow must end before `publish` writes.
+                let next = desired_of(&loaded, &objects, &config, config_problem.as_ref(), &desired_tx.borrow());
+                publish(&next, &mut engine, &desired_tx);
                 continue;
             }
         }

@@ -62,14 +62,17 @@ pub struct TargetHealth {
 }
 
 impl TargetHealth {
-    /// Readiness and the consecutive counts capped at their thresholds: what changes while a
-    /// host moves towards a decision and stays put while it is steady.
+    /// Readiness and the consecutive counts capped at their thresholds, a decided host counting
+    /// as having met its threshold (one seeded from the cluster has not been counted): what
+    /// changes while a host moves towards a decision, and stays put while it is steady.
     pub fn settled(&self, t: Thresholds) -> (Readiness, u32, u32) {
-        (
-            self.state.readiness,
-            self.state.consecutive_successes.min(t.success),
-            self.state.consecutive_failures.min(t.failure),
-        )
+        let successes = self.state.consecutive_successes.min(t.success);
+        let failures = self.state.consecutive_failures.min(t.failure);
+        match self.state.readiness {
+            Readiness::Ready if failures == 0 => (Readiness::Ready, t.success, 0),
+            Readiness::NotReady if successes == 0 => (Readiness::NotReady, 0, t.failure),
+            readiness => (readiness, successes, failures),
+        }
     }
 }
 

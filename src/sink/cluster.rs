@@ -569,6 +569,15 @@ impl ClusterSink {
                 standing,
             };
             let previous = self.statuses.get(&key).or(object.status.as_ref());
+            // Objects applied before (by an earlier run, say) are not "waiting" again.
+            let applied_before = previous.is_some_and(|p| {
+                p.conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::SYNC_SERVICE_READY && c.status == "True")
+            });
+            if inputs.standing == Standing::Waiting && applied_before {
+                continue;
+            }
             let status = status_of(
                 &inputs,
                 |port, host| {

@@ -79,6 +79,13 @@ pub fn status_of(
         conditions.set(condition::INITIALIZED, true, "PartlyInvalid", &problems);
     }
 
+    let before = |port: &Port, host: IpAddr| {
+        let ports = previous.into_iter().flat_map(|p| p.ports.iter());
+        ports
+            .filter(|p| p.name == port.name)
+            .flat_map(|p| p.hosts.iter())
+            .find(|h| h.host == host.to_string())
+    };
     let ports: Vec<PortStatus> = def
         .ports
         .iter()
@@ -87,7 +94,7 @@ pub fn status_of(
             hosts: port
                 .hosts
                 .iter()
-                .map(|host| host_status(port, *host, health(port, *host)))
+                .map(|host| host_status(port, *host, health(port, *host), before(port, *host)))
                 .collect(),
         })
         .collect();
@@ -178,7 +185,14 @@ pub fn status_of(
     }
 }
 
-fn host_status(port: &Port, host: IpAddr, health: Option<TargetHealth>) -> HostStatus {
+/// One host's status. Until its first probe (after a restart, say) the status it had stands,
+/// and `since` stays while readiness does: both only change on what the probes find.
+fn host_status(
+    port: &Port,
+    host: IpAddr,
+    health: Option<TargetHealth>,
+    before: Option<&HostStatus>,
+) -> HostStatus {
     if port.check.is_none() {
         return HostStatus {
             host: host.to_string(),
@@ -187,21 +201,26 @@ fn host_status(port: &Port, host: IpAddr, health: Option<TargetHealth>) -> HostS
             ..Default::default()
         };
     }
-    let Some(health) = health else {
-        return HostStatus {
+    let Some(health) = health.filter(|h| h.last_probe.is_some()) else {
+        return before.cloned().unwrap_or_else(|| HostStatus {
             host: host.to_string(),
             ..Default::default()
-        };
+        });
     };
     let thresholds = Thresholds {
         success: port.timing.success_threshold,
         failure: port.timing.failure_threshold,
     };
     let (readiness, successes, failures) = health.settled(thresholds);
+    let ready = readiness == Readiness::Ready;
+    let since = match before {
+        Some(b) if b.ready == ready && b.since.is_some() => b.since.clone(),
+        _ => Some(humantime::format_rfc3339_seconds(health.since).to_string()),
+    };
     HostStatus {
         host: host.to_string(),
-        ready: readiness == Readiness::Ready,
-        since: Some(humantime::format_rfc3339_seconds(health.since).to_string()),
+        ready,
+        since,
         last_result: health.last_result.map(str::to_string),
         last_error: health.last_error,
         consecutive_successes: successes.into(),
@@ -385,6 +404,36 @@ mod tests {
         assert_eq!(
             condition(&third, "Initialized").last_transition_time,
             Time(Timestamp::UNIX_EPOCH)
+        );
+    }
+
+    #[test]
+    fn after_a_restart_hosts_keep_their_status_until_probed_and_their_since_while_unchanged() {
+        let def = definition();
+        let inputs = Inputs {
+            generation: Some(1),
+            definition: Some(&def),
+            problems: &[],
+            standing: applied(),
+        };
+        let before = status_of(&inputs, |_, _| Some(health(Readiness::Ready, 0)), None);
+        // A new process: targets started now, not probed yet.
+        let fresh = |_: &Port, _| {
+            let mut h = health(Readiness::Ready, 0);
+            h.last_probe = None;
+            h.since = SystemTime::now();
+            Some(h)
+        };
+        assert_eq!(status_of(&inputs, fresh, Some(&before)).ports, before.ports);
+        // Probed and still ready: the same since.
+        let probed = |_: &Port, _| {
+            let mut h = health(Readiness::Ready, 0);
+            h.since = SystemTime::now();
+            Some(h)
+        };
+        assert_eq!(
+            status_of(&inputs, probed, Some(&before)).ports,
+            before.ports
         );
     }
 

@@ -9,6 +9,7 @@ mod support;
 mod clusters;
 mod crd;
 mod daemon;
+mod objects;
 mod packaging;
 mod plan;
 mod probes;
@@ -26,6 +27,7 @@ const SUITES: &[fn() -> Vec<support::Case>] = &[
     reload::cases,
     clusters::cases,
     crd::cases,
+    objects::cases,
     plan::cases,
 ];
 
