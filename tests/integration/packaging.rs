@@ -117,13 +117,19 @@ async fn deploy_manifests(cp: &'static ControlPlane) -> Result<()> {
 
     let user = "system:serviceaccount:endpoints-operator:endpoints-operator";
     let reviews: Api<SubjectAccessReview> = Api::all(client);
+    // `resource` may name a subresource as RBAC rules do: `clusterendpoints/status`.
     let allowed = |group: &str, resource: &str, verb: &str| {
+        let (resource, subresource) = match resource.split_once('/') {
+            Some((resource, sub)) => (resource, Some(sub.to_string())),
+            None => (resource, None),
+        };
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(user.into()),
                 resource_attributes: Some(ResourceAttributes {
                     group: Some(group.into()),
                     resource: Some(resource.into()),
+                    subresource,
                     verb: Some(verb.into()),
                     namespace: Some("default".into()),
                     ..Default::default()
@@ -143,15 +149,25 @@ async fn deploy_manifests(cp: &'static ControlPlane) -> Result<()> {
             )
         }
     };
-    for (group, resource) in [
-        ("", "services"),
-        ("", "endpoints"),
-        ("discovery.k8s.io", "endpointslices"),
-    ] {
-        for verb in ["get", "list", "watch", "patch", "delete"] {
+    let core = ["get", "list", "watch", "patch", "delete"];
+    let granted: [(&str, &str, &[&str]); 6] = [
+        ("", "services", &core),
+        ("", "endpoints", &core),
+        ("discovery.k8s.io", "endpointslices", &core),
+        // Watched; patched only to drop the original operator's finalizer.
+        (
+            "sealos.io",
+            "clusterendpoints",
+            &["get", "list", "watch", "patch"],
+        ),
+        ("sealos.io", "clusterendpoints/status", &["patch"]),
+        ("events.k8s.io", "events", &["create", "patch"]),
+    ];
+    for (group, resource, verbs) in granted {
+        for verb in verbs {
             ensure!(
                 allowed(group, resource, verb).await?,
-                "{verb} {resource} must be allowed"
+                "{verb} {group}/{resource} must be allowed"
             );
         }
     }
@@ -160,10 +176,18 @@ async fn deploy_manifests(cp: &'static ControlPlane) -> Result<()> {
         ("", "pods", "list"),
         ("", "services", "deletecollection"),
         ("apps", "deployments", "patch"),
+        // No finalizer of its own, and never deletes or rewrites a user's object.
+        ("sealos.io", "clusterendpoints", "update"),
+        ("sealos.io", "clusterendpoints", "delete"),
+        ("sealos.io", "clusterendpoints", "create"),
+        ("sealos.io", "clusterendpoints/status", "update"),
+        ("sealos.io", "clusterendpoints/finalizers", "update"),
+        ("events.k8s.io", "events", "delete"),
+        ("", "events", "create"),
     ] {
         ensure!(
             !allowed(group, resource, verb).await?,
-            "{verb} {resource} must be denied"
+            "{verb} {group}/{resource} must be denied"
         );
     }
     Ok(())
