@@ -320,7 +320,18 @@ fn desired_of(
             .values()
             .flat_map(|o| o.problems.iter().cloned()),
     );
-    problems.extend(unknown_clusters(desired.definitions.values(), &names));
+    let unknown = unknown_clusters(desired.definitions.values(), &names);
+    // An object naming a cluster that is not configured says so in its own status too.
+    for problem in &unknown {
+        let object = desired
+            .definitions
+            .values()
+            .find(|d| d.origin == problem.origin);
+        if let Some(state) = object.and_then(|d| desired.objects.get_mut(&d.id())) {
+            state.problems.push(problem.clone());
+        }
+    }
+    desired.problems.extend(unknown);
     let overlaps = desired.overlaps(&names);
     desired.problems.extend(overlaps);
     for problem in desired

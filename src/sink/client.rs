@@ -7,6 +7,13 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::config::ClusterConfig;
 
+/// No byte from the API server for this long fails a request.
+const READ_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Watches ask the API server to end them after this long, inside [`READ_TIMEOUT`]: a quiet
+/// watch then ends cleanly and is resumed, instead of failing as a timed-out read.
+pub const WATCH_TIMEOUT_SECS: u32 = 10;
+
 /// Builds a client for one configured cluster; no request is made yet.
 pub async fn connect(cluster: &ClusterConfig) -> anyhow::Result<Client> {
     let mut config = match (&cluster.kubeconfig, &cluster.context) {
@@ -26,7 +33,7 @@ pub async fn connect(cluster: &ClusterConfig) -> anyhow::Result<Client> {
     };
     // A hung API server must cost one bounded wait, not a stuck sink.
     config.connect_timeout = Some(Duration::from_secs(5));
-    config.read_timeout = Some(Duration::from_secs(15));
+    config.read_timeout = Some(READ_TIMEOUT);
     config.write_timeout = Some(Duration::from_secs(15));
     Ok(Client::try_from(config)?)
 }

@@ -13,6 +13,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::debug;
 
+use super::client::WATCH_TIMEOUT_SECS;
 use crate::model::DefinitionKey;
 use crate::render::{INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_NAME_LABEL};
 
@@ -60,7 +61,9 @@ where
 {
     // An object that stops matching (its labels edited away) arrives as deleted: re-applied.
     let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{INSTANCE_LABEL}={instance}");
-    let config = watcher::Config::default().labels(&selector);
+    let config = watcher::Config::default()
+        .labels(&selector)
+        .timeout(WATCH_TIMEOUT_SECS);
     let mut events = watcher::watcher(Api::<K>::all(client), config).boxed();
     while let Some(event) = events.next().await {
         let (object, deleted) = match event {

@@ -9,6 +9,6 @@ mod events;
 mod object_status;
 mod seed;
 
-pub use client::connect;
+pub use client::{WATCH_TIMEOUT_SECS, connect};
 pub use cluster::{ClusterSink, ClusterStatus};
 pub use seed::ready_hosts;

@@ -25,6 +25,7 @@ use crate::model::spec::{Manifest, Metadata};
 use crate::model::{
     Definition, DefinitionId, DefinitionKey, ObjectInfo, ObjectState, Source, validate,
 };
+use crate::sink::WATCH_TIMEOUT_SECS;
 
 /// Finalizers of the original operator (current and old group), removed from objects being
 /// deleted.
@@ -70,7 +71,7 @@ async fn watch(
 ) {
     let scopes: BTreeSet<String> = apis.iter().map(|(ns, _)| ns.clone()).collect();
     let streams = apis.into_iter().map(|(scope, api)| {
-        watcher::watcher(api, watcher::Config::default())
+        watcher::watcher(api, watcher::Config::default().timeout(WATCH_TIMEOUT_SECS))
             .map(move |event| (scope.clone(), event))
             .boxed()
     });
