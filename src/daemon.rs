@@ -16,10 +16,10 @@ use tracing::{error, info, warn};
 use crate::config::{self, ClusterConfig, Config, Overrides};
 use crate::model::{Definition, DefinitionKey, Desired, Problem, unknown_clusters};
 use crate::probe::{Engine, HealthBoard};
-use crate::sink::{ClusterSink, ClusterStatus, connect, ready_hosts};
+use crate::sink::{ClusterSink, ClusterStatus, connect, try_ready_hosts};
 use crate::sources::files::{self, Loaded};
 use crate::sources::watch::FileWatch;
-use crate::status::{self, SharedClusters, StatusState};
+use crate::status::{self, DaemonState, SharedClusters, StatusState};
 
 pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     let mut config = config::load(config_path.as_deref(), &overrides)?;
@@ -47,24 +47,28 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         running: BTreeMap::new(),
         shown: SharedClusters::default(),
     };
-    sinks
-        .follow(&config, engine.board(), &desired_rx, &changes)
-        .await;
-
+    // Listening before the clusters are set up (which can take seconds each): /healthz answers
+    // and /readyz says what the daemon is waiting for.
     let listener = status::bind(config.status.listen)
         .await
         .with_context(|| format!("status server cannot listen on {}", config.status.listen))?;
     info!(listen = %config.status.listen, "status server listening");
+    let daemon = Arc::new(DaemonState::default());
     let state = StatusState {
         desired: desired_rx.clone(),
         board: engine.board(),
         clusters: sinks.shown.clone(),
+        daemon: daemon.clone(),
     };
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, status::router(state)).await {
             error!(error = %e, "status server stopped");
         }
     });
+    sinks
+        .follow(&config, engine.board(), &desired_rx, &changes)
+        .await;
+    daemon.clusters_started();
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -73,7 +77,9 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
             () = &mut shutdown => break,
             () = file_watch.changed() => {}
         }
-        match reload_config(config_path.as_deref(), &config_file, &overrides) {
+        let reloaded = reload_config(config_path.as_deref(), &config_file, &overrides);
+        daemon.reloaded(reloaded.is_ok());
+        match reloaded {
             Ok(next) if next != config => {
                 if next.probes != config.probes || next.status != config.status {
                     warn!("probes.* and status.* take effect at the next restart");
@@ -193,18 +199,45 @@ impl Sinks {
                     continue;
                 }
             };
-            // Trust what the cluster already shows as ready until probes say otherwise.
-            for key in ready_hosts(client.clone(), Duration::from_secs(5)).await {
-                board.seed_ready(&key);
-            }
-            let sink =
-                ClusterSink::new(name.clone(), config.instance.clone(), client, board.clone());
+            let sink = ClusterSink::new(
+                name.clone(),
+                config.instance.clone(),
+                client.clone(),
+                board.clone(),
+            );
+            seed(&name, client, &board, &sink.status()).await;
             shown.push(sink.status());
             let task = tokio::spawn(sink.run(desired.clone(), changes.subscribe()));
             self.running
                 .insert(name, (cluster, config.instance.clone(), task));
         }
         *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = shown;
+    }
+}
+
+/// Trusts what the cluster already shows as ready until probes say otherwise. Its answer (or
+/// the lack of one) is the cluster's first word on the status page and `/readyz`, also when no
+/// definition is ever applied there.
+async fn seed(
+    name: &str,
+    client: kube::Client,
+    board: &HealthBoard,
+    status: &Mutex<ClusterStatus>,
+) {
+    let seeded = try_ready_hosts(client, Duration::from_secs(5)).await;
+    let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
+    match seeded {
+        Ok(ready) => {
+            for key in ready {
+                board.seed_ready(&key);
+            }
+            status.connected = Some(true);
+        }
+        Err(e) => {
+            warn!(cluster = %name, error = %e, "listing what the cluster shows as ready failed");
+            status.connected = Some(e.answered());
+            status.last_error = Some(format!("listing EndpointSlices: {e}"));
+        }
     }
 }
 

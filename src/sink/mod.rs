@@ -9,4 +9,4 @@ mod seed;
 
 pub use client::connect;
 pub use cluster::{ClusterSink, ClusterStatus};
-pub use seed::ready_hosts;
+pub use seed::{ready_hosts, try_ready_hosts};
