@@ -234,9 +234,11 @@ async fn seed(
             status.connected = Some(true);
         }
         Err(e) => {
-            warn!(cluster = %name, error = %e, "listing what the cluster shows as ready failed");
             status.connected = Some(e.answered());
-            status.last_error = Some(format!("listing EndpointSlices: {e}"));
+            // With its causes: "client error (Connect)" alone does not say why.
+            let error = format!("{:#}", anyhow::Error::new(e));
+            warn!(cluster = %name, %error, "listing what the cluster shows as ready failed");
+            status.last_error = Some(format!("listing EndpointSlices: {error}"));
         }
     }
 }

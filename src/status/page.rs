@@ -126,7 +126,7 @@ tr.bad td{background:#ffebe9}tr.wait td{background:#fff8c5}
 .badge{display:inline-block;padding:0 8px;border-radius:10px;font-size:13px;font-weight:700;margin-right:6px}
 .badge.good{background:#dafbe1;color:#1a7f37}.badge.bad{background:#cf222e;color:#fff}
 .badge.wait{background:#fff8c5;color:#9a6700}
-.err{font-family:ui-monospace,monospace;font-size:13px;word-break:break-word}
+.mono,.err{font-family:ui-monospace,monospace;font-size:13px}.err{overflow-wrap:anywhere}
 .muted,small{color:#59636e}
 ";
 
@@ -164,7 +164,7 @@ fn header(out: &mut String, report: &StatusReport, s: &Summary, now: SystemTime)
     }
     write!(
         out,
-        " · {} problem{}</p><p class=\"meta\">as of {} · reloads every 5 s · {} probes run · \
+        " · {} problem{}</p><p class=\"meta\">as of {} · page refreshes every 5 s · {} probes run · \
          <a href=\"/api/v1/status\">JSON</a> · <a href=\"/metrics\">metrics</a> · \
          <a href=\"/readyz\">readyz</a></p></header><main>",
         report.problems.len(),
@@ -187,7 +187,7 @@ fn problems(out: &mut String, report: &StatusReport) -> fmt::Result {
     for p in &report.problems {
         write!(
             out,
-            "<tr class=\"bad\"><td>{}</td><td class=\"err\">{}</td><td class=\"err\">{}</td><td>{}</td></tr>",
+            "<tr class=\"bad\"><td>{}</td><td class=\"mono\">{}</td><td class=\"err\">{}</td><td>{}</td></tr>",
             esc(&p.origin),
             esc(&p.field),
             esc(&p.value),

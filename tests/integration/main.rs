@@ -14,6 +14,7 @@ mod plan;
 mod probes;
 mod reload;
 mod smoke;
+mod status;
 
 use std::process::ExitCode;
 
@@ -27,6 +28,7 @@ const SUITES: &[fn() -> Vec<support::Case>] = &[
     clusters::cases,
     crd::cases,
     plan::cases,
+    status::cases,
 ];
 
 fn main() -> ExitCode {
