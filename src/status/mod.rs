@@ -1,6 +1,6 @@
 //! The status server, read-only: `/` (a page for people), `/api/v1/status` (the same as JSON:
 //! every definition, port and host with its health, the per-cluster apply state, and the problems
-//! found in the sources), `/metrics` (Prometheus), `/readyz` and `/healthz`.
+//! found in the sources), `/metrics` (OpenMetrics), `/readyz` and `/healthz`.
 
 mod metrics;
 mod page;
