@@ -70,6 +70,9 @@ pub struct SourcesConfig {
     /// Also watch ClusterEndpoint objects in the target clusters.
     #[serde(default)]
     pub crd: bool,
+    /// Namespaces whose ClusterEndpoint objects are watched; empty: all of them.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
 }
 
 impl Default for SourcesConfig {
@@ -77,6 +80,7 @@ impl Default for SourcesConfig {
         SourcesConfig {
             paths: vec![PathBuf::from("/etc/endpoints-operator/endpoints.d")],
             crd: false,
+            namespaces: Vec::new(),
         }
     }
 }

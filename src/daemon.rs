@@ -9,15 +9,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::config::{self, ClusterConfig, Config, Overrides};
-use crate::model::{Definition, DefinitionKey, Desired, Problem, unknown_clusters};
+use crate::config::{self, ClusterConfig, Config, Overrides, SourcesConfig};
+use crate::model::{DefinitionKey, Desired, Problem, unknown_clusters};
 use crate::probe::{Engine, HealthBoard};
 use crate::sink::{ClusterSink, ClusterStatus, connect, try_ready_hosts};
 use crate::sources::files::{self, Loaded};
+use crate::sources::objects::{self, ObjectList};
 use crate::sources::watch::FileWatch;
 use crate::status::{self, DaemonState, SharedClusters, StatusState};
 
@@ -29,8 +30,16 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     // Watch before the first read, so an edit during start-up is not missed.
     let mut file_watch = watch_all(&config, &config_file)?;
     let mut loaded = files::load(&config.sources.paths);
-    let mut config_problem: Option<Problem>;
-    let desired = Arc::new(desired_of(&loaded, &config, None, &Desired::default()));
+    let mut config_problem: Option<Problem> = None;
+    let (object_updates, mut object_lists) = mpsc::channel(64);
+    let mut objects: BTreeMap<String, ObjectList> = BTreeMap::new();
+    let desired = Arc::new(desired_of(
+        &loaded,
+        &objects,
+        &config,
+        None,
+        &Desired::default(),
+    ));
     info!(
         definitions = desired.definitions.len(),
         problems = desired.problems.len(),
@@ -46,6 +55,7 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     let mut sinks = Sinks {
         running: BTreeMap::new(),
         shown: SharedClusters::default(),
+        object_updates,
     };
     // Listening before the clusters are set up (which can take seconds each): /healthz answers
     // and /readyz says what the daemon is waiting for.
@@ -69,6 +79,9 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         .follow(&config, engine.board(), &desired_rx, &changes)
         .await;
     daemon.clusters_started();
+    if !config.sources.crd {
+        engine.board().settle_seeds();
+    }
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -76,6 +89,18 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         tokio::select! {
             () = &mut shutdown => break,
             () = file_watch.changed() => {}
+            Some(list) = object_lists.recv() => {
+                // Take every list that is waiting: one recomputation for a burst of changes.
+                objects.insert(list.cluster.clone(), list);
+                while let Ok(list) = object_lists.try_recv() {
+                    objects.insert(list.cluster.clone(), list);
+                }
+                objects.retain(|cluster, _| sinks.running.contains_key(cluster));
+                // A separate statement: the borrow must end before `publish` writes.
+                let next = desired_of(&loaded, &objects, &config, config_problem.as_ref(), &desired_tx.borrow());
+                publish(&next, &mut engine, &desired_tx);
+                continue;
+            }
         }
         let reloaded = reload_config(config_path.as_deref(), &config_file, &overrides);
         daemon.reloaded(reloaded.is_ok());
@@ -106,17 +131,15 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
             }
         }
         loaded = files::reload(&config.sources.paths, &loaded);
-        let current = desired_tx.borrow().clone();
-        let next = desired_of(&loaded, &config, config_problem.as_ref(), &current);
-        if next != *current {
-            info!(
-                definitions = next.definitions.len(),
-                problems = next.problems.len(),
-                "definitions reloaded"
-            );
-            engine.reconcile(next.definitions.values());
-            desired_tx.send_replace(Arc::new(next));
-        }
+        objects.retain(|cluster, _| sinks.running.contains_key(cluster));
+        let next = desired_of(
+            &loaded,
+            &objects,
+            &config,
+            config_problem.as_ref(),
+            &desired_tx.borrow(),
+        );
+        publish(&next, &mut engine, &desired_tx);
     }
     info!("shutting down; applied objects are left as they are");
     engine.shutdown();
@@ -142,10 +165,38 @@ fn watch_all(config: &Config, config_file: &std::path::Path) -> anyhow::Result<F
     FileWatch::new(&paths).context("watching definition and config files")
 }
 
-/// The running cluster sinks, kept in line with the configured clusters.
+/// Hands a new desired state to the probe engine and the sinks, if it changed. Once every
+/// cluster's objects are listed, seeds no target took are stale and go.
+fn publish(next: &Desired, engine: &mut Engine, desired: &watch::Sender<Arc<Desired>>) {
+    if *next == **desired.borrow() {
+        return;
+    }
+    info!(
+        definitions = next.definitions.len(),
+        problems = next.problems.len(),
+        "definitions reloaded"
+    );
+    engine.reconcile(next.definitions.values());
+    if next.objects_complete {
+        engine.board().settle_seeds();
+    }
+    desired.send_replace(Arc::new(next.clone()));
+}
+
+/// The running cluster sinks (with their object sources), kept in line with the configured
+/// clusters.
 struct Sinks {
-    running: BTreeMap<String, (ClusterConfig, String, JoinHandle<()>)>,
+    running: BTreeMap<String, Running>,
     shown: SharedClusters,
+    object_updates: mpsc::Sender<ObjectList>,
+}
+
+/// One cluster's tasks, and what they were started with.
+struct Running {
+    cluster: ClusterConfig,
+    instance: String,
+    sources: SourcesConfig,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 impl Sinks {
@@ -163,10 +214,13 @@ impl Sinks {
             .into_iter()
             .map(|c| (c.name.clone(), c))
             .collect();
-        self.running.retain(|name, (cluster, instance, task)| {
-            let keep = wanted.get(name) == Some(cluster) && *instance == config.instance;
+        let objects = |s: &SourcesConfig| (s.crd, s.namespaces.clone());
+        self.running.retain(|name, running| {
+            let keep = wanted.get(name) == Some(&running.cluster)
+                && running.instance == config.instance
+                && objects(&running.sources) == objects(&config.sources);
             if !keep {
-                task.abort();
+                running.tasks.iter().for_each(JoinHandle::abort);
                 info!(cluster = %name, "cluster sink stopped");
             }
             keep
@@ -205,11 +259,22 @@ impl Sinks {
                 client.clone(),
                 board.clone(),
             );
-            seed(&name, client, &board, &sink.status()).await;
+            seed(&name, client.clone(), &board, &sink.status()).await;
+            let mut tasks = Vec::new();
+            if config.sources.crd {
+                let updates = self.object_updates.clone();
+                let namespaces = &config.sources.namespaces;
+                tasks.push(objects::spawn(name.clone(), client, namespaces, updates));
+            }
             shown.push(sink.status());
-            let task = tokio::spawn(sink.run(desired.clone(), changes.subscribe()));
-            self.running
-                .insert(name, (cluster, config.instance.clone(), task));
+            tasks.push(tokio::spawn(sink.run(desired.clone(), changes.subscribe())));
+            let running = Running {
+                cluster,
+                instance: config.instance.clone(),
+                sources: config.sources.clone(),
+                tasks,
+            };
+            self.running.insert(name, running);
         }
         *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = shown;
     }
@@ -228,8 +293,8 @@ async fn seed(
     let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
     match seeded {
         Ok(ready) => {
-            for key in ready {
-                board.seed_ready(&key);
+            for host in ready {
+                board.seed_ready(host);
             }
             status.connected = Some(true);
         }
@@ -251,9 +316,11 @@ fn status_name(status: &Arc<Mutex<ClusterStatus>>) -> String {
         .clone()
 }
 
-/// The desired state the files describe, with problems logged once when they first appear.
+/// The desired state the files and objects describe, with problems logged once when they
+/// first appear. Objects are complete once every configured cluster has listed its own.
 fn desired_of(
     loaded: &Loaded,
+    objects: &BTreeMap<String, ObjectList>,
     config: &Config,
     config_problem: Option<&Problem>,
     previous: &Desired,
@@ -263,17 +330,37 @@ fn desired_of(
         .iter()
         .map(|c| c.name.clone())
         .collect();
-    let definitions: BTreeMap<DefinitionKey, Definition> = loaded.definitions.clone();
-    let mut problems: Vec<Problem> = config_problem.into_iter().cloned().collect();
+    let mut desired = Desired {
+        objects_complete: !config.sources.crd || names.iter().all(|n| objects.contains_key(n)),
+        ..Desired::default()
+    };
+    let from_objects = objects.values().flat_map(|list| list.definitions.iter());
+    for def in loaded.definitions.values().chain(from_objects) {
+        desired.definitions.insert(def.id(), def.clone());
+    }
+    for list in objects.values() {
+        desired.objects.extend(list.objects.clone());
+    }
+    let problems = &mut desired.problems;
+    problems.extend(config_problem.cloned());
     problems.extend(loaded.problems.iter().cloned());
-    problems.extend(unknown_clusters(definitions.values(), &names));
-    for problem in problems.iter().filter(|p| !previous.problems.contains(p)) {
+    problems.extend(
+        desired
+            .objects
+            .values()
+            .flat_map(|o| o.problems.iter().cloned()),
+    );
+    problems.extend(unknown_clusters(desired.definitions.values(), &names));
+    let overlaps = desired.overlaps(&names);
+    desired.problems.extend(overlaps);
+    for problem in desired
+        .problems
+        .iter()
+        .filter(|p| !previous.problems.contains(p))
+    {
         warn!(%problem, "definition problem");
     }
-    Desired {
-        definitions,
-        problems,
-    }
+    desired
 }
 
 async fn shutdown_signal() {

@@ -5,7 +5,6 @@
 //! object) and the same pruning of stale slices and of objects whose definition is gone.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::net::IpAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,6 +20,7 @@ use serde_json::Value;
 
 use crate::config::{self, ClusterConfig, Overrides};
 use crate::model::{Definition, DefinitionKey, unknown_clusters};
+use crate::probe::ServiceHost;
 use crate::render::{self, FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_NAME_LABEL};
 use crate::render::{SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable};
 use crate::sink::{connect, ready_hosts};
@@ -103,8 +103,8 @@ struct Plan {
     lines: Vec<String>,
     unchanged: usize,
     deletable: Vec<Deletable>,
-    /// Hosts the cluster shows ready: (definition, port name, host), as in `probe::TargetKey`.
-    ready: HashSet<(DefinitionKey, String, IpAddr)>,
+    /// Hosts the cluster shows ready.
+    ready: HashSet<ServiceHost>,
 }
 
 async fn plan(
@@ -123,9 +123,8 @@ async fn plan(
                 .extend(deletable(&object, &kind.kind, instance));
         }
     }
-    for key in ready_hosts(client.clone(), Duration::from_secs(5)).await {
-        plan.ready.insert((key.definition, key.port, key.host));
-    }
+    plan.ready
+        .extend(ready_hosts(client.clone(), Duration::from_secs(5)).await);
     let targeted = definitions.values().filter(|d| d.targets(&cluster.name));
     let targeted: Vec<&Definition> = targeted.collect();
     for def in &targeted {
@@ -153,7 +152,7 @@ impl Plan {
             self.lines.push(conflict);
             return Ok(());
         }
-        let objects = render::render(def, instance, |port, host| {
+        let objects = render::render(def, instance, None, |port, host| {
             let target = (def.key.clone(), port.name.clone(), host);
             self.ready.contains(&target)
         });
@@ -239,7 +238,7 @@ fn deletable(object: &DynamicObject, kind: &str, instance: &str) -> Option<Delet
     let label = |key: &str| labels.and_then(|l| l.get(key)).cloned();
     let slice = kind == EndpointSlice::KIND;
     let controller = !slice || label(SLICE_MANAGED_BY_LABEL).as_deref() == Some(SLICE_CONTROLLER);
-    if !(controller && pruneable(labels, instance)) {
+    if !(controller && pruneable(labels, instance, false)) {
         return None;
     }
     let service = if slice {

@@ -5,13 +5,13 @@ pub mod crd;
 pub mod spec;
 mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use validate::{KIND, Problem, validate};
+pub use validate::{API_VERSION, KIND, Problem, validate};
 
 /// Namespace and name of a definition: the identity of the Service it produces.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -26,10 +26,57 @@ impl fmt::Display for DefinitionKey {
     }
 }
 
+/// Where a definition comes from. Part of its identity: one namespace/name may be defined by a
+/// file and by objects in several clusters at the same time.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "camelCase")]
+pub enum Source {
+    File,
+    /// A `ClusterEndpoint` object in the named cluster.
+    Object {
+        cluster: String,
+    },
+}
+
+/// A definition's identity: the Service it produces and where it comes from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct DefinitionId {
+    pub key: DefinitionKey,
+    pub source: Source,
+}
+
+impl fmt::Display for DefinitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.source {
+            Source::File => write!(f, "{}", self.key),
+            Source::Object { cluster } => write!(f, "{} (object in {cluster})", self.key),
+        }
+    }
+}
+
+/// The `ClusterEndpoint` object a definition was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub uid: String,
+    pub generation: Option<i64>,
+}
+
+/// A `ClusterEndpoint` object as listed, valid or not: what its status is written from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ObjectState {
+    pub info: ObjectInfo,
+    pub problems: Vec<Problem>,
+    /// The status it carries now.
+    pub status: Option<crd::ClusterEndpointStatus>,
+}
+
 /// A validated definition. Invalid hosts and ports have already been dropped (and reported).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Definition {
     pub key: DefinitionKey,
+    pub source: Source,
+    /// Set for definitions read from an object.
+    pub object: Option<ObjectInfo>,
     /// Where it came from, for messages: `path/to/file.yaml (document 2)`.
     pub origin: String,
     pub labels: BTreeMap<String, String>,
@@ -139,11 +186,79 @@ impl Check {
 /// The whole desired state at one moment: what the sources say, and what was wrong with them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
-    pub definitions: BTreeMap<DefinitionKey, Definition>,
+    pub definitions: BTreeMap<DefinitionId, Definition>,
     pub problems: Vec<Problem>,
+    /// Every `ClusterEndpoint` object listed, also those without a usable definition.
+    pub objects: BTreeMap<DefinitionId, ObjectState>,
+    /// Whether every object source has listed its cluster's objects. Until then a missing
+    /// object-defined definition may just not be known yet, so nothing is pruned for it.
+    pub objects_complete: bool,
+}
+
+impl Desired {
+    /// The definitions of one Service that target a cluster, in precedence order: a file first
+    /// (the host's configuration outranks what anyone with access to a namespace can create),
+    /// then the object in that cluster, then objects of other clusters by cluster name.
+    pub fn candidates<'a>(&'a self, cluster: &str, key: &DefinitionKey) -> Vec<&'a Definition> {
+        let from = DefinitionId {
+            key: key.clone(),
+            source: Source::File,
+        };
+        let mut found: Vec<&Definition> = self
+            .definitions
+            .range(from..)
+            .take_while(|(id, _)| id.key == *key)
+            .map(|(_, def)| def)
+            .filter(|def| def.targets(cluster))
+            .collect();
+        found.sort_by_key(|def| match &def.source {
+            Source::File => (0, ""),
+            Source::Object { cluster: c } if c == cluster => (1, ""),
+            Source::Object { cluster: c } => (2, c.as_str()),
+        });
+        found
+    }
+
+    /// The definition that a cluster's Service follows.
+    pub fn winner(&self, cluster: &str, key: &DefinitionKey) -> Option<&Definition> {
+        self.candidates(cluster, key).into_iter().next()
+    }
+
+    /// A problem for every definition that loses to another in some cluster.
+    pub fn overlaps(&self, clusters: &[String]) -> Vec<Problem> {
+        let keys: BTreeSet<&DefinitionKey> = self.definitions.keys().map(|id| &id.key).collect();
+        let mut problems = Vec::new();
+        for key in keys {
+            for cluster in clusters {
+                let candidates = self.candidates(cluster, key);
+                let Some((winner, losers)) = candidates.split_first() else {
+                    continue;
+                };
+                for loser in losers {
+                    problems.push(Problem {
+                        origin: loser.origin.clone(),
+                        field: "metadata.name".into(),
+                        value: key.to_string(),
+                        reason: format!(
+                            "conflict: in cluster {cluster} the Service follows {} instead",
+                            winner.origin
+                        ),
+                    });
+                }
+            }
+        }
+        problems
+    }
 }
 
 impl Definition {
+    pub fn id(&self) -> DefinitionId {
+        DefinitionId {
+            key: self.key.clone(),
+            source: self.source.clone(),
+        }
+    }
+
     /// Whether this definition is meant for the named cluster.
     pub fn targets(&self, cluster: &str) -> bool {
         self.clusters
@@ -160,11 +275,11 @@ pub fn unknown_clusters<'a>(
 ) -> Vec<Problem> {
     let mut problems = Vec::new();
     for def in definitions {
-        for (i, name) in def.clusters.iter().flatten().enumerate() {
+        for name in def.clusters.iter().flatten() {
             if !known.contains(name) {
                 problems.push(Problem {
                     origin: def.origin.clone(),
-                    field: format!("spec.clusters[{i}]"),
+                    field: "spec.clusters".into(),
                     value: name.clone(),
                     reason: format!(
                         "no such cluster in the configuration (configured: {})",

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Source;
 use super::spec::{Manifest, PortSpec, TlsSpec, UdpData};
 use super::{
     Check, Definition, DefinitionKey, GrpcCheck, HttpCheck, Port, Protocol, Timing, TlsVerify,
@@ -185,6 +186,8 @@ fn build_definition(m: &Manifest, report: &mut Report) -> Option<Definition> {
             namespace,
             name: name.clone(),
         },
+        source: Source::File,
+        object: None,
         origin: report.origin.to_string(),
         labels,
         annotations,

@@ -2,7 +2,7 @@
 //! offset, sharing a global concurrency limit. Probing never happens in the apply path; sinks
 //! learn about readiness changes from a broadcast of definition keys.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -17,14 +17,23 @@ use tracing::{info, warn};
 use super::state::{HostState, Readiness, Thresholds};
 use super::stats::{ProbeStats, ResultCounts};
 use super::{Outcome, probe};
-use crate::model::{Check, Definition, DefinitionKey, Timing};
+use crate::model::{Check, Definition, DefinitionId, DefinitionKey, Timing};
 
 /// One probed host on one port of one definition.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct TargetKey {
-    pub definition: DefinitionKey,
+    pub definition: DefinitionId,
     pub port: String,
     pub host: IpAddr,
+}
+
+/// A host on a port of a Service, whichever definition it comes from: what a cluster shows.
+pub type ServiceHost = (DefinitionKey, String, IpAddr);
+
+impl TargetKey {
+    pub fn service_host(&self) -> ServiceHost {
+        (self.definition.key.clone(), self.port.clone(), self.host)
+    }
 }
 
 /// What is probed and how; a change to any of it restarts the target with fresh state.
@@ -56,10 +65,28 @@ pub struct TargetHealth {
     pub transitions: u64,
 }
 
+impl TargetHealth {
+    /// Readiness and the consecutive counts capped at their thresholds, a decided host counting
+    /// as having met its threshold (one seeded from the cluster has not been counted): what
+    /// changes while a host moves towards a decision, and stays put while it is steady.
+    pub fn settled(&self, t: Thresholds) -> (Readiness, u32, u32) {
+        let successes = self.state.consecutive_successes.min(t.success);
+        let failures = self.state.consecutive_failures.min(t.failure);
+        match self.state.readiness {
+            Readiness::Ready if failures == 0 => (Readiness::Ready, t.success, 0),
+            Readiness::NotReady if successes == 0 => (Readiness::NotReady, 0, t.failure),
+            readiness => (readiness, successes, failures),
+        }
+    }
+}
+
 /// Health of every target, shared by the engine (writer), sinks and status server (readers).
 #[derive(Debug, Default)]
 pub struct HealthBoard {
     targets: Mutex<HashMap<TargetKey, TargetHealth>>,
+    /// Hosts a cluster showed ready at start, for targets that have not started yet (objects
+    /// are listed after the sinks start); dropped by [`HealthBoard::settle_seeds`].
+    seeds: Mutex<HashSet<ServiceHost>>,
     pub stats: ProbeStats,
 }
 
@@ -82,9 +109,19 @@ impl HealthBoard {
         self.targets.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn start(&self, key: &TargetKey) {
+    /// Starts a target, undecided unless `seeded` or a seed for its host is pending.
+    fn start(&self, key: &TargetKey, seeded: bool) {
+        let seeded = seeded || self.pending_seeds().contains(&key.service_host());
+        let readiness = if seeded {
+            Readiness::Ready
+        } else {
+            Readiness::Unknown
+        };
         let health = TargetHealth {
-            state: HostState::default(),
+            state: HostState {
+                readiness,
+                ..HostState::default()
+            },
             since: SystemTime::now(),
             last_probe: None,
             last_latency_ms: None,
@@ -96,15 +133,30 @@ impl HealthBoard {
         self.lock().insert(key.clone(), health);
     }
 
-    /// Takes a target that is still undecided as ready (what the cluster already shows), so it
-    /// takes `failureThreshold` failures to take it out. Its first probes may already have run
-    /// without reaching a threshold; a decision the probes did reach is kept.
-    pub fn seed_ready(&self, key: &TargetKey) {
-        if let Some(health) = self.lock().get_mut(key)
-            && health.state.readiness == Readiness::Unknown
-        {
-            health.state.readiness = Readiness::Ready;
+    /// Takes targets of this host that are still undecided as ready (what the cluster already
+    /// shows), so it takes `failureThreshold` failures to take them out. Their first probes may
+    /// already have run without reaching a threshold; a decision the probes did reach is kept.
+    /// Targets that start later take the seed too, until [`HealthBoard::settle_seeds`].
+    pub fn seed_ready(&self, host: ServiceHost) {
+        for (key, health) in self.lock().iter_mut() {
+            if health.state.readiness == Readiness::Unknown && key.service_host() == host {
+                health.state.readiness = Readiness::Ready;
+            }
         }
+        self.pending_seeds().insert(host);
+    }
+
+    /// Every source has been read once: seeds no target took are stale.
+    pub fn settle_seeds(&self) {
+        self.pending_seeds().clear();
+    }
+
+    fn pending_seeds(&self) -> std::sync::MutexGuard<'_, HashSet<ServiceHost>> {
+        self.seeds.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn health(&self, key: &TargetKey) -> Option<TargetHealth> {
+        self.lock().get(key).cloned()
     }
 
     /// Whether the target has at least one probe result.
@@ -112,7 +164,9 @@ impl HealthBoard {
         self.lock().get(key).is_some_and(|h| h.last_probe.is_some())
     }
 
-    /// Records an outcome; returns (new readiness if it changed, whether this was the first result).
+    /// Records an outcome; returns (new readiness if it changed, whether readers should hear of
+    /// it). Readers hear of the first result, of a readiness change, and of every step towards
+    /// a threshold (counts saturate there), not of a steady host's repeated results.
     fn record(
         &self,
         key: &TargetKey,
@@ -123,6 +177,7 @@ impl HealthBoard {
         let Some(health) = targets.get_mut(key) else {
             return (None, false);
         };
+        let before = (health.settled(thresholds), health.last_result);
         let first = health.last_probe.is_none();
         let now = SystemTime::now();
         let changed = health.state.record(outcome.result.is_ok(), thresholds);
@@ -140,7 +195,8 @@ impl HealthBoard {
         health.results.record(result);
         self.stats.finished(outcome.latency);
         health.last_error = outcome.result.as_ref().err().map(ToString::to_string);
-        (changed, first)
+        let after = (health.settled(thresholds), health.last_result);
+        (changed, first || before != after)
     }
 
     fn remove(&self, key: &TargetKey) {
@@ -172,8 +228,15 @@ impl Engine {
 
     /// Brings the running targets in line with the definitions: unchanged targets keep their
     /// state and schedule, changed ones restart, removed ones stop and forget their health.
+    /// A target that replaces another for the same host of the same Service (its check
+    /// changed, or another definition took the Service over) starts as ready if that one was,
+    /// so the change never flaps a healthy host.
     pub fn reconcile<'a>(&mut self, definitions: impl IntoIterator<Item = &'a Definition>) {
         let wanted = targets_of(definitions);
+        let ready_before: HashSet<ServiceHost> = (self.board.lock().iter())
+            .filter(|(_, h)| h.state.readiness == Readiness::Ready)
+            .map(|(k, _)| k.service_host())
+            .collect();
         self.running.retain(|key, (spec, task)| {
             let keep = wanted.get(key) == Some(spec);
             if !keep {
@@ -186,7 +249,8 @@ impl Engine {
             if self.running.contains_key(&key) {
                 continue;
             }
-            self.board.start(&key);
+            self.board
+                .start(&key, ready_before.contains(&key.service_host()));
             let task = tokio::spawn(run_target(
                 key.clone(),
                 spec.clone(),
@@ -214,7 +278,7 @@ fn targets_of<'a>(
             let Some(check) = &port.check else { continue };
             for host in &port.hosts {
                 let key = TargetKey {
-                    definition: def.key.clone(),
+                    definition: def.id(),
                     port: port.name.clone(),
                     host: *host,
                 };
@@ -256,7 +320,7 @@ async fn run_target(
         // Boxed: the probe future (TLS, HTTP and gRPC clients inside) is kilobytes, and inline it
         // would make each of thousands of idle target tasks that large between probes.
         let outcome = Box::pin(probe(&spec.check, spec.addr, spec.timing.timeout)).await;
-        let (changed, first) = board.record(&key, &outcome, thresholds);
+        let (changed, notify) = board.record(&key, &outcome, thresholds);
         if let Some(readiness) = changed {
             match &outcome.result {
                 Ok(()) => {
@@ -267,10 +331,11 @@ async fn run_target(
                 }
             }
         }
-        // The first result matters too: sinks hold a new definition back until its hosts are probed.
-        if changed.is_some() || first {
+        // The first result matters too: sinks hold a new definition back until its hosts are
+        // probed, and object status shows the counts.
+        if notify {
             // No receiver just means no sink is running yet; the sinks read the board on start.
-            let _ = changes.send(key.definition.clone());
+            let _ = changes.send(key.definition.key.clone());
         }
     }
 }
@@ -282,7 +347,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::model::{Port, Protocol};
+    use crate::model::{Port, Protocol, Source};
 
     fn definition(port: u16, period: Duration, check: Check) -> Definition {
         Definition {
@@ -290,6 +355,8 @@ mod tests {
                 namespace: "default".into(),
                 name: "d".into(),
             },
+            source: Source::File,
+            object: None,
             origin: "test".into(),
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
@@ -339,12 +406,12 @@ mod tests {
         };
         // One success below the threshold: still undecided, so the cluster's word counts.
         engine.board.record(&key, &outcome(true), thresholds);
-        engine.board.seed_ready(&key);
+        engine.board.seed_ready(key.service_host());
         assert_eq!(engine.board.readiness(&key), Readiness::Ready);
         // A decision the probes reached is not overridden.
         engine.board.record(&key, &outcome(false), thresholds);
         engine.board.record(&key, &outcome(false), thresholds);
-        engine.board.seed_ready(&key);
+        engine.board.seed_ready(key.service_host());
         assert_eq!(engine.board.readiness(&key), Readiness::NotReady);
         engine.shutdown();
     }
@@ -392,9 +459,12 @@ mod tests {
             addr: (Ipv4Addr::LOCALHOST, 1).into(),
         };
         let key = TargetKey {
-            definition: DefinitionKey {
-                namespace: "n".into(),
-                name: "d".into(),
+            definition: DefinitionId {
+                key: DefinitionKey {
+                    namespace: "n".into(),
+                    name: "d".into(),
+                },
+                source: Source::File,
             },
             port: "p".into(),
             host: Ipv4Addr::LOCALHOST.into(),
@@ -488,7 +558,7 @@ mod tests {
         );
         let slow_health = snapshot
             .iter()
-            .find(|(k, _)| k.definition.name == "slow")
+            .find(|(k, _)| k.definition.key.name == "slow")
             .map(|(_, h)| h)
             .unwrap();
         assert_eq!(

@@ -14,7 +14,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-pub use engine::{Engine, HealthBoard, TargetHealth, TargetKey};
+pub use engine::{Engine, HealthBoard, ServiceHost, TargetHealth, TargetKey};
 pub use stats::{Buckets, StatsSnapshot};
 
 use crate::model::Check;

@@ -11,10 +11,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{
     Endpoint, EndpointConditions, EndpointPort as SlicePort, EndpointSlice,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::model::{Definition, Port};
+use crate::model::{Definition, Port, Source};
 
 /// Field manager for server-side apply.
 pub const FIELD_MANAGER: &str = "endpoints-operator";
@@ -29,8 +29,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// objects whose labels match the pruner's own instance and source.
 pub const INSTANCE_LABEL: &str = "endpoints-operator.sealos.io/instance";
 pub const SOURCE_LABEL: &str = "endpoints-operator.sealos.io/source";
-/// Definitions from files; the only source so far.
+/// Source label values: definitions from files, and from `ClusterEndpoint` objects.
 pub const SOURCE_FILE: &str = "file";
+pub const SOURCE_OBJECT: &str = "crd";
 /// Keeps the mirroring controller from copying our Endpoints into duplicate slices.
 pub const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
@@ -43,33 +44,63 @@ pub struct Objects {
 }
 
 /// Renders the objects; `ready` answers for probed hosts (static ports are always ready).
-/// `instance` names the daemon (config `instance`) in every object's labels.
-pub fn render(def: &Definition, instance: &str, ready: impl Fn(&Port, IpAddr) -> bool) -> Objects {
+/// `instance` names the daemon (config `instance`) in every object's labels; `owner`, when
+/// given, becomes every object's ownerReference, so deleting it deletes them.
+pub fn render(
+    def: &Definition,
+    instance: &str,
+    owner: Option<&OwnerReference>,
+    ready: impl Fn(&Port, IpAddr) -> bool,
+) -> Objects {
     let is_ready = |port: &Port, host: IpAddr| port.check.is_none() || ready(port, host);
     let mut objects = Objects {
         service: service(def),
         slices: slices(def, &is_ready),
         endpoints: endpoints(def, &is_ready),
     };
-    let ours = [(INSTANCE_LABEL, instance), (SOURCE_LABEL, SOURCE_FILE)];
+    let source = match def.source {
+        Source::File => SOURCE_FILE,
+        Source::Object { .. } => SOURCE_OBJECT,
+    };
+    let ours = [(INSTANCE_LABEL, instance), (SOURCE_LABEL, source)];
     let metas = std::iter::once(&mut objects.service.metadata)
         .chain(objects.slices.iter_mut().map(|s| &mut s.metadata))
         .chain(std::iter::once(&mut objects.endpoints.metadata));
     for meta in metas {
         let labels = meta.labels.get_or_insert_with(Default::default);
         labels.extend(ours.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        meta.owner_references = owner.map(|o| vec![o.clone()]);
     }
     objects
 }
 
-/// Whether labels mark an object as written from files by this daemon instance: the only
-/// objects it may delete when their definition is gone.
-pub fn pruneable(labels: Option<&BTreeMap<String, String>>, instance: &str) -> bool {
+/// The ownerReference that ties a cluster's objects to the `ClusterEndpoint` in that cluster.
+/// Not `blockOwnerDeletion`: deleting the object must never wait for anything of ours.
+pub fn owner_reference(def: &Definition) -> Option<OwnerReference> {
+    let object = def.object.as_ref()?;
+    Some(OwnerReference {
+        api_version: crate::model::API_VERSION.into(),
+        kind: crate::model::KIND.into(),
+        name: def.key.name.clone(),
+        uid: object.uid.clone(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    })
+}
+
+/// Whether labels mark an object as written by this daemon instance and as one it may delete
+/// when its definition is gone. Objects from `ClusterEndpoint`s only once every cluster's objects
+/// have been listed (`objects_complete`): before that, a missing one may just not be known yet.
+pub fn pruneable(
+    labels: Option<&BTreeMap<String, String>>,
+    instance: &str,
+    objects_complete: bool,
+) -> bool {
     let Some(labels) = labels else { return false };
     let is = |key: &str, value: &str| labels.get(key).is_some_and(|v| v == value);
     is(MANAGED_BY_LABEL, MANAGED_BY_VALUE)
         && is(INSTANCE_LABEL, instance)
-        && is(SOURCE_LABEL, SOURCE_FILE)
+        && (is(SOURCE_LABEL, SOURCE_FILE) || (objects_complete && is(SOURCE_LABEL, SOURCE_OBJECT)))
 }
 
 fn meta(def: &Definition, name: String, extra: &[(&str, &str)]) -> ObjectMeta {
@@ -275,7 +306,7 @@ spec:
 
     #[test]
     fn the_service_has_no_selector_and_every_port() {
-        let objects = render(&definition(TWO_PORTS), "default", |_, _| true);
+        let objects = render(&definition(TWO_PORTS), "default", None, |_, _| true);
         let spec = objects.service.spec.unwrap();
         assert!(spec.selector.is_none());
         assert_eq!(spec.cluster_ip, None);
@@ -305,7 +336,7 @@ spec:
 
     #[test]
     fn one_slice_per_port_and_family_with_sorted_single_address_endpoints() {
-        let objects = render(&definition(TWO_PORTS), "default", |_, ip| {
+        let objects = render(&definition(TWO_PORTS), "default", None, |_, ip| {
             ip != "10.0.0.9".parse::<IpAddr>().unwrap()
         });
         let names: Vec<_> = objects
@@ -340,7 +371,7 @@ spec:
 
     #[test]
     fn endpoints_split_ready_and_not_ready_and_skip_mirroring() {
-        let objects = render(&definition(TWO_PORTS), "default", |_, ip| {
+        let objects = render(&definition(TWO_PORTS), "default", None, |_, ip| {
             ip != "10.0.0.9".parse::<IpAddr>().unwrap()
         });
         assert_eq!(
@@ -358,7 +389,7 @@ spec:
 
     #[test]
     fn a_static_port_is_ready_whatever_the_board_says() {
-        let objects = render(&definition(TWO_PORTS), "default", |_, _| false);
+        let objects = render(&definition(TWO_PORTS), "default", None, |_, _| false);
         let metrics = &objects.slices[2];
         assert_eq!(
             metrics.endpoints.as_ref().unwrap()[0]
@@ -383,7 +414,7 @@ spec:
         );
         let names: BTreeSet<String> = [a, b, c]
             .iter()
-            .flat_map(|d| render(d, "default", |_, _| true).slices)
+            .flat_map(|d| render(d, "default", None, |_, _| true).slices)
             .filter_map(|s| s.metadata.name)
             .collect();
         assert_eq!(names.len(), 3, "{names:?}");
@@ -398,7 +429,7 @@ spec:
             "metadata: {{name: big}}\nspec:\n  ports: [{{port: 80, hosts: [{}]}}]\n",
             hosts.join(", ")
         ));
-        let slices = render(&def, "default", |_, _| true).slices;
+        let slices = render(&def, "default", None, |_, _| true).slices;
         let shape: Vec<(String, usize)> = slices
             .iter()
             .map(|s| {
@@ -423,12 +454,12 @@ spec:
         let def = definition(
             "metadata: {name: h}\nspec:\n  clusterIP: None\n  ports: [{port: 80, hosts: [10.0.0.2]}]\n",
         );
-        let a = render(&def, "default", |_, _| true);
+        let a = render(&def, "default", None, |_, _| true);
         assert_eq!(
             a.service.spec.as_ref().unwrap().cluster_ip.as_deref(),
             Some("None")
         );
         assert_eq!(a.slices[0].metadata.name.as_deref(), Some("h-80-tcp-ipv4"));
-        assert_eq!(a, render(&def, "default", |_, _| true));
+        assert_eq!(a, render(&def, "default", None, |_, _| true));
     }
 }

@@ -10,16 +10,18 @@ use std::time::SystemTime;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client, Resource};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde_json::json;
 use tracing::{debug, info, instrument};
 
 use super::cluster::{Applied, ClusterStatus, SyncError};
 use crate::model::{Definition, DefinitionKey};
 use crate::render::{
-    FIELD_MANAGER, Objects, SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable,
+    FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Objects, SERVICE_NAME_LABEL,
+    SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable,
 };
 
 #[derive(Clone)]
@@ -36,29 +38,36 @@ impl Writer {
     }
 
     /// Applies what changed. `entry` is `None` the first time: then an existing Service with a
-    /// selector is refused, and the entry is created once something was written.
+    /// selector is refused, a hand-made one is adopted, and the entry is created once something
+    /// was written. A `clusterIP` the live Service cannot take (the field is immutable) has the
+    /// Service recreated.
     #[instrument(skip_all, fields(cluster = %self.name, definition = %def.key))]
     pub async fn sync(
         &self,
         def: &Definition,
         objects: Objects,
         entry: &mut Option<Applied>,
-    ) -> Result<(), SyncError> {
+    ) -> Result<Synced, SyncError> {
         let first = entry.is_none();
-        if first {
-            let services: Api<Service> = Api::namespaced(self.client.clone(), &def.key.namespace);
-            if let Some(existing) = services.get_opt(&def.key.name).await?
-                && existing
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.selector.as_ref())
-                    .is_some_and(|s| !s.is_empty())
-            {
-                return Err(SyncError::SelectorConflict(def.key.to_string()));
-            }
+        let rendered_ip = objects
+            .service
+            .spec
+            .as_ref()
+            .and_then(|s| s.cluster_ip.clone());
+        let cached_ip = entry.as_ref().map(|a| a.cluster_ip.clone());
+        let mut synced = Synced::default();
+        if first || cached_ip != Some(rendered_ip.clone()) {
+            synced = self.prepare_service(def, &objects).await?;
         }
         let applied = entry.get_or_insert_with(Applied::default);
+        if synced.recreated {
+            applied.objects.remove(&(
+                <Service as k8s_openapi::Resource>::KIND,
+                def.key.name.clone(),
+            ));
+        }
         self.apply(&def.key, objects.service, applied).await?;
+        applied.cluster_ip = rendered_ip;
         let slice_names: BTreeSet<String> = objects
             .slices
             .iter()
@@ -70,14 +79,80 @@ impl Writer {
         self.apply(&def.key, objects.endpoints, applied).await?;
         // The first time, slices left by an earlier run (another shape, fewer hosts) go too.
         if first || applied.slice_names != slice_names {
-            self.prune_slices(&def.key, &slice_names).await?;
+            self.prune_slices(&def.key, &slice_names, true).await?;
         }
         applied.slice_names = slice_names;
         self.status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .last_successful_apply = Some(SystemTime::now());
-        Ok(())
+        Ok(synced)
+    }
+
+    /// Looks at the live Service before the first apply or a `clusterIP` change: refuses one
+    /// with a selector, recreates one whose `clusterIP` cannot become the wanted one, and adopts
+    /// a hand-made one so that its ports become exactly the definition's.
+    async fn prepare_service(
+        &self,
+        def: &Definition,
+        objects: &Objects,
+    ) -> Result<Synced, SyncError> {
+        let services: Api<Service> = Api::namespaced(self.client.clone(), &def.key.namespace);
+        let Some(live) = services.get_opt(&def.key.name).await? else {
+            return Ok(Synced::default());
+        };
+        let spec = live.spec.clone().unwrap_or_default();
+        if spec.selector.as_ref().is_some_and(|s| !s.is_empty()) {
+            return Err(SyncError::SelectorConflict(def.key.to_string()));
+        }
+        if needs_recreate(spec.cluster_ip.as_deref(), def.cluster_ip.as_deref()) {
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: live.metadata.uid.clone(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            services.delete(&def.key.name, &params).await?;
+            self.count_write();
+            info!(cluster = %self.name, definition = %def.key, from = ?spec.cluster_ip, to = ?def.cluster_ip, "clusterIP cannot change in place; Service deleted to be recreated");
+            return Ok(Synced {
+                recreated: true,
+                adopted: false,
+            });
+        }
+        let ours = (live.metadata.labels.as_ref())
+            .and_then(|l| l.get(MANAGED_BY_LABEL))
+            .is_some_and(|v| v == MANAGED_BY_VALUE);
+        if ours {
+            return Ok(Synced::default());
+        }
+        // Apply never removes fields that another manager owns, such as the ports of a hand-made
+        // Service: replace them outright, then drop every ownership record so the applies that
+        // follow own exactly what they send.
+        let ports = objects.service.spec.as_ref().map(|s| s.ports.clone());
+        let params = PatchParams::default();
+        services
+            .patch(
+                &def.key.name,
+                &params,
+                &Patch::Merge(json!({"spec": {"ports": ports}})),
+            )
+            .await?;
+        services
+            .patch(
+                &def.key.name,
+                &params,
+                &Patch::Merge(json!({"metadata": {"managedFields": [{}]}})),
+            )
+            .await?;
+        self.count_write();
+        self.count_write();
+        info!(cluster = %self.name, definition = %def.key, cluster_ip = ?spec.cluster_ip, "adopted an existing Service");
+        Ok(Synced {
+            recreated: false,
+            adopted: true,
+        })
     }
 
     /// Server-side apply, skipped when the rendered object equals the last one applied and the
@@ -117,14 +192,20 @@ impl Writer {
         debug!(kind = K::KIND, %name, "applied");
         self.count_write();
         let version = written.meta().resource_version.clone().unwrap_or_default();
+        if K::KIND == <Service as k8s_openapi::Resource>::KIND {
+            applied.service_uid = written.meta().uid.clone();
+        }
         applied.objects.insert(cache_key, (rendered, version));
         Ok(())
     }
 
+    /// Deletes our slices of a Service that are not in `keep`; slices from objects only when
+    /// `objects_complete` (see [`pruneable`]).
     async fn prune_slices(
         &self,
         key: &DefinitionKey,
         keep: &BTreeSet<String>,
+        objects_complete: bool,
     ) -> Result<(), SyncError> {
         let api: Api<EndpointSlice> = Api::namespaced(self.client.clone(), &key.namespace);
         let selector = format!(
@@ -132,7 +213,11 @@ impl Writer {
             key.name
         );
         for slice in api.list(&ListParams::default().labels(&selector)).await? {
-            let ours = pruneable(slice.metadata.labels.as_ref(), &self.instance);
+            let ours = pruneable(
+                slice.metadata.labels.as_ref(),
+                &self.instance,
+                objects_complete,
+            );
             let name = slice.metadata.name.unwrap_or_default();
             if ours && !keep.contains(&name) {
                 api.delete(&name, &DeleteParams::default()).await?;
@@ -145,15 +230,26 @@ impl Writer {
 
     /// Deletes what this daemon wrote for a definition that is gone (or no longer targets this
     /// cluster, or is an orphan found in the cluster).
-    pub async fn remove(&self, key: &DefinitionKey) -> Result<(), SyncError> {
-        self.delete_if_ours::<Service>(key).await?;
-        self.delete_if_ours::<Endpoints>(key).await?;
-        self.prune_slices(key, &BTreeSet::new()).await?;
+    pub async fn remove(
+        &self,
+        key: &DefinitionKey,
+        objects_complete: bool,
+    ) -> Result<(), SyncError> {
+        self.delete_if_ours::<Service>(key, objects_complete)
+            .await?;
+        self.delete_if_ours::<Endpoints>(key, objects_complete)
+            .await?;
+        self.prune_slices(key, &BTreeSet::new(), objects_complete)
+            .await?;
         info!(cluster = %self.name, definition = %key, "removed objects of a deleted definition");
         Ok(())
     }
 
-    async fn delete_if_ours<K>(&self, key: &DefinitionKey) -> Result<(), SyncError>
+    async fn delete_if_ours<K>(
+        &self,
+        key: &DefinitionKey,
+        objects_complete: bool,
+    ) -> Result<(), SyncError>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Clone
@@ -164,10 +260,60 @@ impl Writer {
         let Some(existing) = api.get_opt(&key.name).await? else {
             return Ok(());
         };
-        if pruneable(existing.meta().labels.as_ref(), &self.instance) {
+        if pruneable(
+            existing.meta().labels.as_ref(),
+            &self.instance,
+            objects_complete,
+        ) {
             api.delete(&key.name, &DeleteParams::default()).await?;
             self.count_write();
         }
         Ok(())
+    }
+}
+
+/// What a sync did besides applying.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Synced {
+    /// The Service was deleted because its `clusterIP` could not change in place.
+    pub recreated: bool,
+    /// A Service made by someone else was taken over.
+    pub adopted: bool,
+}
+
+/// Whether a live Service's `clusterIP` cannot become the wanted one without recreating it.
+/// `None` wanted: any allocated address will do, but not headless.
+fn needs_recreate(live: Option<&str>, wanted: Option<&str>) -> bool {
+    let live = live.filter(|ip| !ip.is_empty());
+    match (wanted, live) {
+        (_, None) => false,
+        (None, Some(live)) => live == "None",
+        (Some(wanted), Some(live)) => wanted != live,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::needs_recreate;
+
+    #[test]
+    fn only_a_clusterip_that_cannot_change_in_place_recreates_the_service() {
+        let cases = [
+            (Some("10.96.0.5"), None, false),
+            (Some("None"), None, true),
+            (Some("10.96.0.5"), Some("None"), true),
+            (Some("None"), Some("None"), false),
+            (Some("10.96.0.5"), Some("10.96.0.5"), false),
+            (Some("10.96.0.5"), Some("10.96.0.9"), true),
+            (None, Some("None"), false),
+            (Some(""), Some("None"), false),
+        ];
+        for (live, wanted, recreate) in cases {
+            assert_eq!(
+                needs_recreate(live, wanted),
+                recreate,
+                "{live:?} -> {wanted:?}"
+            );
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! failing cluster never delays another cluster or the probes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -13,13 +14,19 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::apply::Writer;
+use super::apply::{Synced, Writer};
 use super::drift::{self, Notice};
-use crate::model::{Definition, DefinitionKey, Desired};
+use super::events::{Events, Regarding};
+use super::object_status::{Inputs, Standing, status_of};
+use crate::model::crd::{ClusterEndpoint, ClusterEndpointStatus, condition};
+use crate::model::{Definition, DefinitionId, DefinitionKey, Desired, Port, Source};
 use crate::probe::state::Readiness;
 use crate::probe::{HealthBoard, TargetKey};
-use crate::render::{self, Objects};
+use crate::render::{self, FIELD_MANAGER, Objects, pruneable};
 use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
 
 /// What the status page shows about one cluster.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -49,6 +56,14 @@ pub struct ClusterStatus {
 pub(super) struct Applied {
     pub objects: HashMap<(&'static str, String), (serde_json::Value, String)>,
     pub slice_names: BTreeSet<String>,
+    /// The definition these objects were last rendered from.
+    pub by: Option<DefinitionId>,
+    /// The `clusterIP` last applied (`None`: allocated by the API server).
+    pub cluster_ip: Option<String>,
+    /// The Service's uid, for Events about it.
+    pub service_uid: Option<String>,
+    /// Host readiness as last applied, per (port, host), for Events on transitions.
+    pub published: BTreeMap<(String, IpAddr), bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,9 +83,16 @@ pub struct ClusterSink {
     /// The API side: client, instance name (written into labels, required for pruning), status.
     writer: Writer,
     board: Arc<HealthBoard>,
+    events: Events,
+    /// Per Service: the objects last applied.
     pub(super) applied: HashMap<DefinitionKey, Applied>,
-    /// When each not-yet-applied definition was first seen, for [`Self::hold_back`].
-    first_seen: HashMap<DefinitionKey, Instant>,
+    /// When each definition not yet applied was first seen, for [`Self::hold_back`].
+    first_seen: HashMap<DefinitionId, Instant>,
+    /// The status last written to (or read from) each `ClusterEndpoint` in this cluster.
+    statuses: HashMap<DefinitionKey, ClusterEndpointStatus>,
+    /// Objects from `ClusterEndpoint`s without a definition, found before every object was
+    /// listed: orphans once the list is complete, unless a definition turns up.
+    suspects: BTreeSet<DefinitionKey>,
     /// Failing definitions: when to try again, how long the next wait will be, and whether the
     /// failure was the cluster being unreachable (as opposed to the API refusing the objects).
     retry: HashMap<DefinitionKey, Retry>,
@@ -84,6 +106,7 @@ impl ClusterSink {
             name: name.clone(),
             ..Default::default()
         };
+        let events = Events::new(client.clone(), &instance);
         let writer = Writer {
             name: name.clone(),
             client,
@@ -93,10 +116,13 @@ impl ClusterSink {
         ClusterSink {
             name,
             writer,
+            events,
             orphans: BTreeSet::new(),
+            suspects: BTreeSet::new(),
             board,
             applied: HashMap::new(),
             first_seen: HashMap::new(),
+            statuses: HashMap::new(),
             retry: HashMap::new(),
         }
     }
@@ -109,16 +135,29 @@ impl ClusterSink {
         f(&mut self.writer.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
-    /// The objects for a definition with the readiness the engine sees now.
-    fn render(&self, def: &Definition) -> Objects {
-        render::render(def, &self.writer.instance, |port, host| {
-            let key = TargetKey {
-                definition: def.key.clone(),
+    /// The objects for a definition with the readiness the engine sees now. Only a
+    /// `ClusterEndpoint` in this cluster that is the sole definition of its Service owns them:
+    /// with another definition behind it, deleting the object must hand over, not delete.
+    fn render(&self, def: &Definition, alone: bool) -> Objects {
+        let local = def.source
+            == Source::Object {
+                cluster: self.name.clone(),
+            };
+        let owner = (alone && local)
+            .then(|| render::owner_reference(def))
+            .flatten();
+        render::render(def, &self.writer.instance, owner.as_ref(), |port, host| {
+            self.ready(def, port, host)
+        })
+    }
+
+    fn ready(&self, def: &Definition, port: &Port, host: IpAddr) -> bool {
+        port.check.is_none()
+            || self.board.readiness(&TargetKey {
+                definition: def.id(),
                 port: port.name.clone(),
                 host,
-            };
-            self.board.readiness(&key) == Readiness::Ready
-        })
+            }) == Readiness::Ready
     }
 
     /// Runs until the desired-state channel closes.
@@ -139,8 +178,28 @@ impl ClusterSink {
             let snapshot = desired.borrow_and_update().clone();
             if full {
                 full = false;
-                dirty.extend(snapshot.definitions.keys().cloned());
+                dirty.extend(snapshot.definitions.keys().map(|id| id.key.clone()));
                 dirty.extend(self.applied.keys().cloned());
+                let local = |id: &DefinitionId| id.source == self.local_source();
+                dirty.extend(
+                    snapshot
+                        .objects
+                        .keys()
+                        .filter(|id| local(id))
+                        .map(|id| id.key.clone()),
+                );
+                self.statuses.retain(|key, _| {
+                    snapshot.objects.contains_key(&DefinitionId {
+                        key: key.clone(),
+                        source: Source::Object {
+                            cluster: self.name.clone(),
+                        },
+                    })
+                });
+                if snapshot.objects_complete {
+                    self.orphans.append(&mut self.suspects);
+                    dirty.extend(self.orphans.iter().cloned());
+                }
             }
             let wake = self.pass(&snapshot, &mut dirty).await;
             tokio::select! {
@@ -178,13 +237,17 @@ impl ClusterSink {
     /// or never ours to keep) are pruned when they carry our instance and source labels.
     fn drifted(&mut self, notice: Notice, dirty: &mut BTreeSet<DefinitionKey>, desired: &Desired) {
         let Some(applied) = self.applied.get_mut(&notice.definition) else {
-            let wanted = desired
-                .definitions
-                .get(&notice.definition)
-                .is_some_and(|d| d.targets(&self.name));
-            if notice.pruneable && notice.resource_version.is_some() && !wanted {
+            let wanted = desired.winner(&self.name, &notice.definition).is_some();
+            if wanted || notice.resource_version.is_none() {
+                return;
+            }
+            let instance = &self.writer.instance;
+            let labels = Some(&notice.labels);
+            if pruneable(labels, instance, desired.objects_complete) {
                 self.orphans.insert(notice.definition.clone());
                 dirty.insert(notice.definition);
+            } else if pruneable(labels, instance, true) {
+                self.suspects.insert(notice.definition);
             }
             return;
         };
@@ -199,7 +262,8 @@ impl ClusterSink {
     }
 
     /// Syncs (or removes) each dirty key that is due; keys that must wait stay in `dirty`.
-    /// Returns when the loop must wake up on its own next.
+    /// Then the status of each `ClusterEndpoint` in this cluster among those keys is brought up
+    /// to date. Returns when the loop must wake up on its own next.
     async fn pass(
         &mut self,
         snapshot: &Desired,
@@ -211,44 +275,73 @@ impl ClusterSink {
         // Decide what is due now; the writes then run concurrently, each definition with its
         // own cache entry moved out of the map and back in afterwards.
         let mut jobs = Vec::new();
+        let mut outcomes: BTreeMap<DefinitionKey, Outcome> = BTreeMap::new();
         for key in std::mem::take(dirty) {
-            let def = snapshot
-                .definitions
-                .get(&key)
-                .filter(|d| d.targets(&self.name));
+            let candidates = snapshot.candidates(&self.name, &key);
+            let winner = candidates.first().copied();
             let due = self
                 .retry
                 .get(&key)
                 .map(|r| r.at)
                 .filter(|at| *at > Instant::now());
-            let held = def.and_then(|d| self.hold_back(d));
+            let held = winner.and_then(|d| self.hold_back(d));
             if let Some(at) = due.or(held) {
                 later(at);
+                if held.is_some() {
+                    outcomes.insert(key.clone(), Outcome::Waiting);
+                }
                 dirty.insert(key);
                 continue;
             }
             let entry = self.applied.remove(&key);
-            let job = match def {
-                Some(def) => Job::Sync(Box::new((def.clone(), self.render(def))), entry),
+            let job = match winner {
+                Some(def) => {
+                    let objects = self.render(def, candidates.len() == 1);
+                    let published = self.published(def);
+                    Job::Sync(Box::new(SyncWork {
+                        def: def.clone(),
+                        objects,
+                        published,
+                        entry,
+                    }))
+                }
                 None if entry.is_some() || self.orphans.contains(&key) => Job::Remove,
-                None => continue,
+                None => {
+                    outcomes.insert(key, Outcome::Nothing);
+                    continue;
+                }
             };
             jobs.push((key, job));
         }
         let writer = self.writer.clone();
+        let complete = snapshot.objects_complete;
         let results: Vec<_> = futures::stream::iter(jobs)
             .map(|(key, job)| {
                 let writer = writer.clone();
                 async move {
                     match job {
-                        Job::Sync(work, mut entry) => {
-                            let (def, objects) = *work;
-                            let result = writer.sync(&def, objects, &mut entry).await;
-                            (key, result, entry)
+                        Job::Sync(work) => {
+                            let SyncWork {
+                                def,
+                                objects,
+                                published,
+                                mut entry,
+                            } = *work;
+                            let result = writer.sync(&def, objects.clone(), &mut entry).await;
+                            let done = entry.as_ref().map(|e| e.holds(&objects));
+                            if let Some(entry) = entry.as_mut() {
+                                entry.by = Some(def.id());
+                            }
+                            (
+                                key,
+                                result.map(|s| (s, Some((def, published)))),
+                                entry,
+                                done,
+                            )
                         }
                         Job::Remove => {
-                            let result = writer.remove(&key).await;
-                            (key, result, None)
+                            let result = writer.remove(&key, complete).await;
+                            (key, result.map(|()| (Synced::default(), None)), None, None)
                         }
                     }
                 }
@@ -256,14 +349,15 @@ impl ClusterSink {
             .buffer_unordered(WRITES_IN_FLIGHT)
             .collect()
             .await;
-        for (key, result, entry) in results {
-            if let Some(entry) = entry {
-                self.applied.insert(key.clone(), entry);
-            }
+        for (key, result, mut entry, done) in results {
             let name = key.to_string();
+            let (service, endpoints) = done.unwrap_or((false, false));
             match result {
-                Ok(()) => {
-                    self.first_seen.remove(&key);
+                Ok((synced, work)) => {
+                    if let (Some(entry), Some((def, published))) = (entry.as_mut(), work) {
+                        self.announce(&def, entry, published, synced);
+                    }
+                    self.first_seen.retain(|id, _| id.key != key);
                     self.orphans.remove(&key);
                     self.retry.remove(&key);
                     if !back_online {
@@ -274,14 +368,21 @@ impl ClusterSink {
                         s.conflicts.remove(&name);
                         s.errors.remove(&name);
                     });
+                    let applied = Outcome::Applied {
+                        service,
+                        endpoints,
+                        error: None,
+                    };
+                    outcomes.insert(key.clone(), applied);
                 }
                 Err(SyncError::SelectorConflict(svc)) => {
                     let reason = SyncError::SelectorConflict(svc).to_string();
                     warn!(cluster = %self.name, definition = %key, "{reason}");
                     self.update_status(|s| {
                         s.connected = Some(true);
-                        s.conflicts.insert(name, reason);
+                        s.conflicts.insert(name, reason.clone());
                     });
+                    outcomes.insert(key.clone(), Outcome::Refused(reason));
                 }
                 Err(e) => {
                     let unreachable = e.is_unreachable();
@@ -294,11 +395,22 @@ impl ClusterSink {
                     self.update_status(|s| {
                         s.connected = Some(!unreachable);
                         s.last_error = Some(format!("{key}: {error}"));
-                        s.errors.insert(name, error);
+                        s.errors.insert(name, error.clone());
                         s.apply_errors += 1;
                     });
-                    dirty.insert(key);
+                    outcomes.insert(
+                        key.clone(),
+                        Outcome::Applied {
+                            service,
+                            endpoints,
+                            error: Some(error),
+                        },
+                    );
+                    dirty.insert(key.clone());
                 }
+            }
+            if let Some(entry) = entry {
+                self.applied.insert(key, entry);
             }
         }
         // The cluster answers again: everything that failed only because it was unreachable is
@@ -312,14 +424,245 @@ impl ClusterSink {
         }
         let pending = self.retry.len();
         self.update_status(|s| s.pending = pending);
+        self.write_statuses(snapshot, outcomes).await;
         wake
     }
 
+    fn local_source(&self) -> Source {
+        Source::Object {
+            cluster: self.name.clone(),
+        }
+    }
+
+    /// Host readiness as rendered for a definition, per (port, host).
+    fn published(&self, def: &Definition) -> BTreeMap<(String, IpAddr), bool> {
+        def.ports
+            .iter()
+            .flat_map(|port| {
+                port.hosts
+                    .iter()
+                    .map(move |host| ((port.name.clone(), *host), self.ready(def, port, *host)))
+            })
+            .collect()
+    }
+
+    /// Logs and posts Events for what a successful sync changed: hosts that turned ready or not
+    /// ready since the last apply (none on the first one), a recreated or adopted Service.
+    fn announce(
+        &self,
+        def: &Definition,
+        entry: &mut Applied,
+        published: BTreeMap<(String, IpAddr), bool>,
+        synced: Synced,
+    ) {
+        let owner = def
+            .object
+            .as_ref()
+            .filter(|_| def.source == self.local_source());
+        let service_uid = entry.service_uid.clone().unwrap_or_default();
+        let post = |warning: bool, reason: &str, note: String| {
+            self.events.publish(
+                Regarding::Service(&def.key, &service_uid),
+                warning,
+                reason,
+                note.clone(),
+            );
+            if let Some(object) = owner {
+                self.events.publish(
+                    Regarding::Object(&def.key, &object.uid),
+                    warning,
+                    reason,
+                    note,
+                );
+            }
+        };
+        if synced.recreated {
+            let note = format!(
+                "Service recreated: its clusterIP cannot change in place (now {})",
+                def.cluster_ip.as_deref().unwrap_or("allocated")
+            );
+            post(false, "Recreated", note);
+        }
+        if synced.adopted {
+            post(false, "Adopted", "existing Service taken over".into());
+        }
+        for ((port, host), ready) in &published {
+            let before = entry.published.get(&(port.clone(), *host));
+            if before.is_none_or(|b| b == ready) {
+                continue;
+            }
+            let target = TargetKey {
+                definition: def.id(),
+                port: port.clone(),
+                host: *host,
+            };
+            let at = def
+                .ports
+                .iter()
+                .find(|p| p.name == *port)
+                .map_or(0, |p| p.target_port);
+            let port_name = if port.is_empty() {
+                String::new()
+            } else {
+                format!(" (port {port})")
+            };
+            if *ready {
+                post(
+                    false,
+                    "HostReady",
+                    format!("{host}:{at}{port_name} is ready"),
+                );
+            } else {
+                let why = self
+                    .board
+                    .health(&target)
+                    .and_then(|h| h.last_error)
+                    .unwrap_or_else(|| "probe failed".into());
+                post(
+                    true,
+                    "HostNotReady",
+                    format!("{host}:{at}{port_name} is not ready: {why}"),
+                );
+            }
+        }
+        entry.published = published;
+    }
+
+    /// Computes the status of each `ClusterEndpoint` of this cluster among `outcomes` and
+    /// writes those that changed, with Events for a conflict, a refusal, an invalid spec or a
+    /// failed sync when it begins.
+    async fn write_statuses(
+        &mut self,
+        snapshot: &Desired,
+        outcomes: BTreeMap<DefinitionKey, Outcome>,
+    ) {
+        let mut writes = Vec::new();
+        for (key, outcome) in outcomes {
+            let id = DefinitionId {
+                key: key.clone(),
+                source: self.local_source(),
+            };
+            let Some(object) = snapshot.objects.get(&id) else {
+                continue;
+            };
+            let definition = snapshot.definitions.get(&id);
+            let winner = snapshot.winner(&self.name, &key);
+            let standing = match (winner, outcome) {
+                (Some(w), _) if w.id() != id => Standing::Overridden(w.origin.clone()),
+                (_, Outcome::Waiting) => Standing::Waiting,
+                (_, Outcome::Refused(reason)) => Standing::Refused(reason),
+                (
+                    _,
+                    Outcome::Applied {
+                        service,
+                        endpoints,
+                        error,
+                    },
+                ) => Standing::Applied {
+                    service,
+                    endpoints,
+                    error,
+                },
+                (_, Outcome::Nothing) => Standing::Waiting,
+            };
+            let inputs = Inputs {
+                generation: object.info.generation,
+                definition,
+                problems: &object.problems,
+                standing,
+            };
+            let previous = self.statuses.get(&key).or(object.status.as_ref());
+            // Objects applied before (by an earlier run, say) are not "waiting" again.
+            let applied_before = previous.is_some_and(|p| {
+                p.conditions
+                    .iter()
+                    .any(|c| c.type_ == condition::SYNC_SERVICE_READY && c.status == "True")
+            });
+            if inputs.standing == Standing::Waiting && applied_before {
+                continue;
+            }
+            let status = status_of(
+                &inputs,
+                |port, host| {
+                    self.board.health(&TargetKey {
+                        definition: id.clone(),
+                        port: port.name.clone(),
+                        host,
+                    })
+                },
+                previous,
+            );
+            if previous == Some(&status) {
+                continue;
+            }
+            self.announce_status(&key, &object.info.uid, previous, &status);
+            writes.push((key, status));
+        }
+        let client = self.writer.client.clone();
+        let written: Vec<_> = futures::stream::iter(writes)
+            .map(|(key, status)| {
+                let client = client.clone();
+                async move {
+                    let result = write_status(client, &key, &status).await;
+                    (key, status, result)
+                }
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        for (key, status, result) in written {
+            match result {
+                Ok(()) => {
+                    self.update_status(|s| s.writes += 1);
+                    self.statuses.insert(key, status);
+                }
+                // Not cached, so the next pass for this key tries again.
+                Err(e) => {
+                    warn!(cluster = %self.name, object = %key, error = %e, "cannot write ClusterEndpoint status")
+                }
+            }
+        }
+    }
+
+    /// Events on the object for the start of a conflict, a refusal, an invalid spec or a
+    /// failed sync (each once, when its condition turns to that reason).
+    fn announce_status(
+        &self,
+        key: &DefinitionKey,
+        uid: &str,
+        previous: Option<&ClusterEndpointStatus>,
+        status: &ClusterEndpointStatus,
+    ) {
+        let reason_of = |s: Option<&ClusterEndpointStatus>, type_: &str| {
+            s.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+                .map(|c| (c.reason.clone(), c.message.clone()))
+        };
+        for type_ in [condition::INITIALIZED, condition::SYNC_SERVICE_READY] {
+            let Some((reason, message)) = reason_of(Some(status), type_) else {
+                continue;
+            };
+            let warn = matches!(
+                reason.as_str(),
+                "InvalidSpec" | "Conflict" | "Refused" | "SyncFailed"
+            );
+            if warn && reason_of(previous, type_) != Some((reason.clone(), message.clone())) {
+                self.events
+                    .publish(Regarding::Object(key, uid), true, &reason, message);
+            }
+        }
+    }
     /// A definition not yet applied here waits until each of its hosts has a first probe result
     /// (at most one period plus timeout), so it does not appear with every host not ready.
     /// Ports still in their initial delay do not hold it back: their hosts start not ready.
+    /// The same holds for a definition taking over a Service from another one: the objects of
+    /// the one before stay as they are meanwhile.
     fn hold_back(&mut self, def: &Definition) -> Option<Instant> {
-        if self.applied.contains_key(&def.key) {
+        let id = def.id();
+        if self
+            .applied
+            .get(&def.key)
+            .is_some_and(|a| a.by.as_ref() == Some(&id))
+        {
             return None;
         }
         let probed_now = || {
@@ -332,13 +675,13 @@ impl ClusterSink {
             .max()?;
         let until = *self
             .first_seen
-            .entry(def.key.clone())
+            .entry(id.clone())
             .or_insert_with(Instant::now)
             + grace;
         let probed = probed_now().all(|p| {
             p.hosts.iter().all(|h| {
                 self.board.probed(&TargetKey {
-                    definition: def.key.clone(),
+                    definition: id.clone(),
                     port: p.name.clone(),
                     host: *h,
                 })
@@ -398,10 +741,84 @@ impl SyncError {
 /// few enough not to crowd the API server.
 const WRITES_IN_FLIGHT: usize = 16;
 
-/// One definition's work in a pass.
+/// One definition's work in a pass: the definition, its objects and the host readiness they
+/// publish, with its cache entry.
 enum Job {
-    Sync(Box<(Definition, Objects)>, Option<Applied>),
+    Sync(Box<SyncWork>),
     Remove,
+}
+
+struct SyncWork {
+    def: Definition,
+    objects: Objects,
+    published: BTreeMap<(String, IpAddr), bool>,
+    entry: Option<Applied>,
+}
+
+/// What a pass did for one Service, for the status of a `ClusterEndpoint` behind it.
+enum Outcome {
+    /// Synced (or tried to): which parts are in line with the rendering, the error if not.
+    Applied {
+        service: bool,
+        endpoints: bool,
+        error: Option<String>,
+    },
+    /// Held back until its hosts are probed.
+    Waiting,
+    Refused(String),
+    /// Nothing to write (no usable definition).
+    Nothing,
+}
+
+impl Applied {
+    /// Whether this cache holds exactly these objects: (Service, slices and Endpoints).
+    fn holds(&self, objects: &Objects) -> (bool, bool) {
+        let same = |kind: &'static str,
+                    meta: &ObjectMeta,
+                    value: serde_json::Result<serde_json::Value>| {
+            let name = meta.name.clone().unwrap_or_default();
+            match (self.objects.get(&(kind, name)), value) {
+                (Some((cached, _)), Ok(value)) => *cached == value,
+                _ => false,
+            }
+        };
+        let service = same(
+            "Service",
+            &objects.service.metadata,
+            serde_json::to_value(&objects.service),
+        );
+        let slices = objects.slices.iter().all(|slice| {
+            same(
+                "EndpointSlice",
+                &slice.metadata,
+                serde_json::to_value(slice),
+            )
+        });
+        let endpoints = same(
+            "Endpoints",
+            &objects.endpoints.metadata,
+            serde_json::to_value(&objects.endpoints),
+        );
+        (service, slices && endpoints)
+    }
+}
+
+/// Writes a `ClusterEndpoint`'s status by server-side apply: fields it no longer has go.
+async fn write_status(
+    client: Client,
+    key: &DefinitionKey,
+    status: &ClusterEndpointStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<ClusterEndpoint> = Api::namespaced(client, &key.namespace);
+    let patch = serde_json::json!({
+        "apiVersion": crate::model::API_VERSION,
+        "kind": crate::model::KIND,
+        "status": status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch_status(&key.name, &params, &Patch::Apply(&patch))
+        .await
+        .map(drop)
 }
 
 /// Exponential retry delay for a failing definition: 0.5 s doubling to 30 s.

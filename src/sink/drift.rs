@@ -1,6 +1,7 @@
 //! Notices of changes to the objects this daemon manages, from watches on the cluster. Someone
 //! deleting or editing them is drift: the sink re-applies instead of trusting its cache.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -13,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::model::DefinitionKey;
-use crate::render::{MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_NAME_LABEL, pruneable};
+use crate::render::{INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_NAME_LABEL};
 
 /// One object of ours as the cluster now has it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,8 +24,8 @@ pub struct Notice {
     pub name: String,
     /// `None`: the object was deleted.
     pub resource_version: Option<String>,
-    /// Written from files by this daemon instance, so deletable once its definition is gone.
-    pub pruneable: bool,
+    /// Its labels, which tell whether it may be pruned once its definition is gone.
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Watches Services, Endpoints and EndpointSlices carrying our label, in every namespace, and
@@ -57,8 +58,9 @@ where
         + Send
         + 'static,
 {
-    let config =
-        watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE}"));
+    // An object that stops matching (its labels edited away) arrives as deleted: re-applied.
+    let selector = format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{INSTANCE_LABEL}={instance}");
+    let config = watcher::Config::default().labels(&selector);
     let mut events = watcher::watcher(Api::<K>::all(client), config).boxed();
     while let Some(event) = events.next().await {
         let (object, deleted) = match event {
@@ -71,7 +73,7 @@ where
                 continue;
             }
         };
-        let Some(notice) = notice_of(&object, deleted, &instance) else {
+        let Some(notice) = notice_of(&object, deleted) else {
             continue;
         };
         if notices.send(notice).await.is_err() {
@@ -80,11 +82,7 @@ where
     }
 }
 
-fn notice_of<K: k8s_openapi::Resource + Resource>(
-    object: &K,
-    deleted: bool,
-    instance: &str,
-) -> Option<Notice> {
+fn notice_of<K: k8s_openapi::Resource + Resource>(object: &K, deleted: bool) -> Option<Notice> {
     let meta = object.meta();
     let name = meta.name.clone()?;
     // A slice belongs to the Service named in its label; the other kinds share the Service name.
@@ -100,7 +98,7 @@ fn notice_of<K: k8s_openapi::Resource + Resource>(
         },
         kind: K::KIND,
         name,
-        pruneable: pruneable(meta.labels.as_ref(), instance),
+        labels: meta.labels.clone().unwrap_or_default(),
         resource_version: if deleted {
             None
         } else {

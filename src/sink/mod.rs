@@ -5,6 +5,8 @@ mod apply;
 mod client;
 mod cluster;
 mod drift;
+mod events;
+mod object_status;
 mod seed;
 
 pub use client::connect;

@@ -9,12 +9,12 @@ use kube::api::ListParams;
 use kube::{Api, Client};
 
 use crate::model::DefinitionKey;
-use crate::probe::TargetKey;
+use crate::probe::ServiceHost;
 use crate::render::{SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL};
 
 /// Hosts marked ready in the EndpointSlices this daemon manages. Bounded by `timeout`: an
 /// unreachable cluster just contributes nothing.
-pub async fn ready_hosts(client: Client, timeout: Duration) -> Vec<TargetKey> {
+pub async fn ready_hosts(client: Client, timeout: Duration) -> Vec<ServiceHost> {
     try_ready_hosts(client, timeout).await.unwrap_or_default()
 }
 
@@ -39,7 +39,7 @@ impl SeedError {
 pub async fn try_ready_hosts(
     client: Client,
     timeout: Duration,
-) -> Result<Vec<TargetKey>, SeedError> {
+) -> Result<Vec<ServiceHost>, SeedError> {
     let api: Api<EndpointSlice> = Api::all(client);
     let params =
         ListParams::default().labels(&format!("{SLICE_MANAGED_BY_LABEL}={SLICE_CONTROLLER}"));
@@ -49,7 +49,7 @@ pub async fn try_ready_hosts(
     Ok(slices.items.iter().flat_map(ready_in_slice).collect())
 }
 
-fn ready_in_slice(slice: &EndpointSlice) -> Vec<TargetKey> {
+fn ready_in_slice(slice: &EndpointSlice) -> Vec<ServiceHost> {
     let service = slice
         .metadata
         .labels
@@ -76,10 +76,6 @@ fn ready_in_slice(slice: &EndpointSlice) -> Vec<TargetKey> {
         .flatten()
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) == Some(true))
         .flat_map(|e| e.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()))
-        .map(|host| TargetKey {
-            definition: definition.clone(),
-            port: port.clone(),
-            host,
-        })
+        .map(|host| (definition.clone(), port.clone(), host))
         .collect()
 }

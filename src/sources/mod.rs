@@ -2,4 +2,5 @@
 //! model validates them. Files are watched and reloaded on change.
 
 pub mod files;
+pub mod objects;
 pub mod watch;

@@ -48,9 +48,13 @@ impl Collector for Live {
 type TargetLabels<'a> = [(&'static str, Cow<'a, str>); 4];
 
 fn series(report: &StatusReport, mut enc: DescriptorEncoder) -> fmt::Result {
+    // A Service defined twice (a file and an object, see `Desired::candidates`) is reported once,
+    // for its first definition (files come first): equal labels would make duplicate series.
+    let mut seen = std::collections::HashSet::new();
     let hosts: Vec<_> = report
         .definitions
         .iter()
+        .filter(|d| seen.insert((d.namespace.as_str(), d.name.as_str())))
         .flat_map(|d| d.ports.iter().map(move |p| (d, p)))
         .flat_map(|(d, p)| {
             p.hosts.iter().map(move |h| {
@@ -241,7 +245,7 @@ mod tests {
     use tokio::sync::{broadcast, watch};
 
     use super::*;
-    use crate::model::{Check, Definition, DefinitionKey, Desired, Port, Protocol, Timing};
+    use crate::model::{Check, Definition, DefinitionKey, Desired, Port, Protocol, Source, Timing};
     use crate::probe::{Engine, HealthBoard};
     use crate::status::sample;
 
@@ -336,6 +340,8 @@ mod tests {
                 namespace: "default".into(),
                 name: "web".into(),
             },
+            source: Source::File,
+            object: None,
             origin: "test".into(),
             labels: BTreeMap::new(),
             annotations: BTreeMap::new(),
@@ -367,8 +373,8 @@ mod tests {
         let def = definition();
         engine.reconcile([&def]);
         let desired = Desired {
-            definitions: BTreeMap::from([(def.key.clone(), def.clone())]),
-            problems: Vec::new(),
+            definitions: BTreeMap::from([(def.id(), def.clone())]),
+            ..Desired::default()
         };
         let (desired_tx, desired_rx) = watch::channel(Arc::new(desired));
         let registry = registry(StatusState {

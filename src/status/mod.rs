@@ -23,7 +23,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::model::{Desired, Problem};
+use crate::model::{Desired, Problem, Source};
 use crate::probe::state::Readiness;
 use crate::probe::{HealthBoard, StatsSnapshot, TargetHealth, TargetKey};
 use crate::sink::ClusterStatus;
@@ -91,6 +91,8 @@ pub struct Reloads {
 pub struct DefinitionReport {
     pub namespace: String,
     pub name: String,
+    /// A file, or an object in a named cluster.
+    pub source: Source,
     pub origin: String,
     pub ports: Vec<PortReport>,
 }
@@ -125,6 +127,7 @@ pub fn report(state: &StatusState) -> StatusReport {
         .map(|def| DefinitionReport {
             namespace: def.key.namespace.clone(),
             name: def.key.name.clone(),
+            source: def.source.clone(),
             origin: def.origin.clone(),
             ports: def
                 .ports
@@ -140,7 +143,7 @@ pub fn report(state: &StatusState) -> StatusReport {
                         .iter()
                         .map(|host| {
                             let key = TargetKey {
-                                definition: def.key.clone(),
+                                definition: def.id(),
                                 port: port.name.clone(),
                                 host: *host,
                             };

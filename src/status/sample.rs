@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use super::{DefinitionReport, HostReport, PortReport, Reloads, StatusReport};
-use crate::model::Problem;
+use crate::model::{Problem, Source};
 use crate::probe::state::{HostState, Readiness};
 use crate::probe::{HealthBoard, TargetHealth};
 use crate::sink::ClusterStatus;
@@ -50,6 +50,7 @@ fn definition(name: &str, hosts: Vec<HostReport>) -> DefinitionReport {
     DefinitionReport {
         namespace: "default".into(),
         name: name.into(),
+        source: Source::File,
         origin: format!("endpoints.d/{name}.yaml"),
         ports: vec![PortReport {
             name: "http".into(),

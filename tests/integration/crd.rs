@@ -7,10 +7,8 @@
 //! of its own.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use anyhow::{Context, Result, ensure};
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -19,7 +17,6 @@ use crate::support::daemon::{binary, run_cli};
 use crate::support::{Case, ControlPlane, namespace};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-const CRD_NAME: &str = "clusterendpoints.sealos.io";
 
 pub fn cases() -> Vec<Case> {
     vec![
@@ -48,41 +45,10 @@ fn committed_file_is_current() -> Result<()> {
     Ok(())
 }
 
-/// Applies `deploy/crd.yaml` (server-side, idempotent) and waits until it is Established.
-async fn install(client: &Client) -> Result<CustomResourceDefinition> {
-    let text = std::fs::read_to_string(format!("{ROOT}/deploy/crd.yaml"))?;
-    let crd: CustomResourceDefinition = serde_saphyr::from_str(&text)?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let params = PatchParams::apply("endpoints-operator-crd-test").force();
-    // Trials that create it at the same moment may see 409 (already exists): apply again.
-    let mut attempts = 0;
-    while let Err(e) = crds.patch(CRD_NAME, &params, &Patch::Apply(&crd)).await {
-        attempts += 1;
-        match e {
-            kube::Error::Api(status) if status.code == 409 && attempts < 5 => {}
-            e => return Err(e).context("applying deploy/crd.yaml"),
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let crd = crds.get(CRD_NAME).await?;
-        let conditions = crd.status.as_ref().and_then(|s| s.conditions.clone());
-        let established = conditions
-            .iter()
-            .flatten()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            return Ok(crd);
-        }
-        if Instant::now() > deadline {
-            bail!("the CRD is not Established after 30 s: {conditions:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
+pub use crate::support::crd::install;
 
 /// A namespace with a generated name, so parallel trials and reruns never collide.
-fn endpoints(client: &Client, ns: &str) -> Api<DynamicObject> {
+pub fn endpoints(client: &Client, ns: &str) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("sealos.io", "v1beta1", "ClusterEndpoint");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "clusterendpoints");
     Api::namespaced_with(client.clone(), ns, &resource)

@@ -9,6 +9,7 @@ mod support;
 mod clusters;
 mod crd;
 mod daemon;
+mod objects;
 mod packaging;
 mod plan;
 mod probes;
@@ -27,6 +28,7 @@ const SUITES: &[fn() -> Vec<support::Case>] = &[
     reload::cases,
     clusters::cases,
     crd::cases,
+    objects::cases,
     plan::cases,
     status::cases,
 ];

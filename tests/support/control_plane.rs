@@ -230,6 +230,13 @@ impl ControlPlane {
             state.apiserver = Some(self.component(&state, "kube-apiserver")?);
         }
         self.wait_ready()?;
+        // The garbage collector learns resource kinds when it starts (then every 30 s), so the
+        // CRD comes first, as in a cluster where the operator was installed before its objects.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async { super::crd::install(&self.client()).await })
+            .context("installing the ClusterEndpoint CRD")?;
         self.start_controller_manager()?;
         // Catch a controller manager that dies on its flags right away rather than in a later test.
         thread::sleep(Duration::from_millis(500));

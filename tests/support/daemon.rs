@@ -54,13 +54,31 @@ impl Daemon {
         status: SocketAddr,
         extra: &str,
     ) -> Result<Daemon> {
-        Daemon::launch(cp, files, status, extra, &unique_instance())
+        Daemon::launch(cp, files, status, extra, &unique_instance(), None)
     }
 
     /// Starts with a given `instance` name: a second daemon with the same name takes over (and
     /// prunes) what the first one wrote.
     pub fn start_as(cp: &ControlPlane, files: &[(&str, String)], instance: &str) -> Result<Daemon> {
-        Daemon::launch(cp, files, free_port()?, "", instance)
+        Daemon::launch(cp, files, free_port()?, "", instance, None)
+    }
+
+    /// Starts with the ClusterEndpoint object source on (`sources.crd = true`) for objects in
+    /// `namespace` only (tests run side by side), as `instance`, with `extra` appended to the
+    /// config (more `[[clusters]]`, say).
+    pub fn start_with_objects(
+        cp: &ControlPlane,
+        files: &[(&str, String)],
+        namespace: &str,
+        instance: &str,
+        extra: &str,
+    ) -> Result<Daemon> {
+        Daemon::launch(cp, files, free_port()?, extra, instance, Some(namespace))
+    }
+
+    /// A fresh instance name, for tests that restart a daemon under the same one.
+    pub fn new_instance() -> String {
+        unique_instance()
     }
 
     fn launch(
@@ -69,6 +87,7 @@ impl Daemon {
         status: SocketAddr,
         extra: &str,
         instance: &str,
+        objects_in: Option<&str>,
     ) -> Result<Daemon> {
         let dir = tempfile::Builder::new().prefix("eo-daemon-").tempdir()?;
         let definitions = dir.path().join("endpoints.d");
@@ -76,11 +95,15 @@ impl Daemon {
         for (name, text) in files {
             std::fs::write(definitions.join(name), text)?;
         }
+        let objects = match objects_in {
+            Some(ns) => format!("crd = true\nnamespaces = [\"{ns}\"]"),
+            None => "crd = false".into(),
+        };
         let config = dir.path().join("config.toml");
         std::fs::write(
             &config,
             format!(
-                "instance = \"{instance}\"\n[status]\nlisten = \"{status}\"\n[sources]\npaths = [\"endpoints.d\"]\n\
+                "instance = \"{instance}\"\n[status]\nlisten = \"{status}\"\n[sources]\npaths = [\"endpoints.d\"]\n{objects}\n\
                  [[clusters]]\nname = \"{}\"\nkubeconfig = \"{}\"\n{extra}",
                 cp.name(),
                 cp.kubeconfig_path().display()

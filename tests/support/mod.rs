@@ -6,6 +6,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod control_plane;
+pub mod crd;
 pub mod daemon;
 pub mod harness;
 pub mod hosts;
