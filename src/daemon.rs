@@ -16,11 +16,11 @@ use tracing::{error, info, warn};
 use crate::config::{self, ClusterConfig, Config, Overrides, SourcesConfig};
 use crate::model::{DefinitionKey, Desired, Problem, unknown_clusters};
 use crate::probe::{Engine, HealthBoard};
-use crate::sink::{ClusterSink, ClusterStatus, connect, ready_hosts};
+use crate::sink::{ClusterSink, ClusterStatus, connect, try_ready_hosts};
 use crate::sources::files::{self, Loaded};
 use crate::sources::objects::{self, ObjectList};
 use crate::sources::watch::FileWatch;
-use crate::status::{self, SharedClusters, StatusState};
+use crate::status::{self, DaemonState, SharedClusters, StatusState};
 
 pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     let mut config = config::load(config_path.as_deref(), &overrides)?;
@@ -57,27 +57,31 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
         shown: SharedClusters::default(),
         object_updates,
     };
-    sinks
-        .follow(&config, engine.board(), &desired_rx, &changes)
-        .await;
-    if !config.sources.crd {
-        engine.board().settle_seeds();
-    }
-
+    // Listening before the clusters are set up (which can take seconds each): /healthz answers
+    // and /readyz says what the daemon is waiting for.
     let listener = status::bind(config.status.listen)
         .await
         .with_context(|| format!("status server cannot listen on {}", config.status.listen))?;
     info!(listen = %config.status.listen, "status server listening");
+    let daemon = Arc::new(DaemonState::default());
     let state = StatusState {
         desired: desired_rx.clone(),
         board: engine.board(),
         clusters: sinks.shown.clone(),
+        daemon: daemon.clone(),
     };
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, status::router(state)).await {
             error!(error = %e, "status server stopped");
         }
     });
+    sinks
+        .follow(&config, engine.board(), &desired_rx, &changes)
+        .await;
+    daemon.clusters_started();
+    if !config.sources.crd {
+        engine.board().settle_seeds();
+    }
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -98,7 +102,9 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
                 continue;
             }
         }
-        match reload_config(config_path.as_deref(), &config_file, &overrides) {
+        let reloaded = reload_config(config_path.as_deref(), &config_file, &overrides);
+        daemon.reloaded(reloaded.is_ok());
+        match reloaded {
             Ok(next) if next != config => {
                 if next.probes != config.probes || next.status != config.status {
                     warn!("probes.* and status.* take effect at the next restart");
@@ -247,23 +253,19 @@ impl Sinks {
                     continue;
                 }
             };
-            // Trust what the cluster already shows as ready until probes say otherwise.
-            for host in ready_hosts(client.clone(), Duration::from_secs(5)).await {
-                board.seed_ready(host);
-            }
+            let sink = ClusterSink::new(
+                name.clone(),
+                config.instance.clone(),
+                client.clone(),
+                board.clone(),
+            );
+            seed(&name, client.clone(), &board, &sink.status()).await;
             let mut tasks = Vec::new();
             if config.sources.crd {
                 let updates = self.object_updates.clone();
                 let namespaces = &config.sources.namespaces;
-                tasks.push(objects::spawn(
-                    name.clone(),
-                    client.clone(),
-                    namespaces,
-                    updates,
-                ));
+                tasks.push(objects::spawn(name.clone(), client, namespaces, updates));
             }
-            let sink =
-                ClusterSink::new(name.clone(), config.instance.clone(), client, board.clone());
             shown.push(sink.status());
             tasks.push(tokio::spawn(sink.run(desired.clone(), changes.subscribe())));
             let running = Running {
@@ -275,6 +277,34 @@ impl Sinks {
             self.running.insert(name, running);
         }
         *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = shown;
+    }
+}
+
+/// Trusts what the cluster already shows as ready until probes say otherwise. Its answer (or
+/// the lack of one) is the cluster's first word on the status page and `/readyz`, also when no
+/// definition is ever applied there.
+async fn seed(
+    name: &str,
+    client: kube::Client,
+    board: &HealthBoard,
+    status: &Mutex<ClusterStatus>,
+) {
+    let seeded = try_ready_hosts(client, Duration::from_secs(5)).await;
+    let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
+    match seeded {
+        Ok(ready) => {
+            for host in ready {
+                board.seed_ready(host);
+            }
+            status.connected = Some(true);
+        }
+        Err(e) => {
+            status.connected = Some(e.answered());
+            // With its causes: "client error (Connect)" alone does not say why.
+            let error = format!("{:#}", anyhow::Error::new(e));
+            warn!(cluster = %name, %error, "listing what the cluster shows as ready failed");
+            status.last_error = Some(format!("listing EndpointSlices: {error}"));
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{info, warn};
 
 use super::state::{HostState, Readiness, Thresholds};
-use super::stats::ProbeStats;
+use super::stats::{ProbeStats, ResultCounts};
 use super::{Outcome, probe};
 use crate::model::{Check, Definition, DefinitionId, DefinitionKey, Timing};
 
@@ -59,6 +59,10 @@ pub struct TargetHealth {
     /// Bounded reason label of the last failure, if the last probe failed.
     pub last_result: Option<&'static str>,
     pub last_error: Option<String>,
+    /// Probes by result since the target started.
+    pub results: ResultCounts,
+    /// Readiness decisions that changed it (the first decision included).
+    pub transitions: u64,
 }
 
 impl TargetHealth {
@@ -123,6 +127,8 @@ impl HealthBoard {
             last_latency_ms: None,
             last_result: None,
             last_error: None,
+            results: ResultCounts::default(),
+            transitions: 0,
         };
         self.lock().insert(key.clone(), health);
     }
@@ -177,15 +183,17 @@ impl HealthBoard {
         let changed = health.state.record(outcome.result.is_ok(), thresholds);
         if changed.is_some() {
             health.since = now;
+            health.transitions += 1;
         }
         health.last_probe = Some(now);
         health.last_latency_ms = Some(outcome.latency.as_secs_f64() * 1000.0);
-        health.last_result = Some(
-            outcome
-                .result
-                .as_ref()
-                .map_or_else(|f| f.label(), |()| "success"),
-        );
+        let result = outcome
+            .result
+            .as_ref()
+            .map_or_else(|f| f.label(), |()| "success");
+        health.last_result = Some(result);
+        health.results.record(result);
+        self.stats.finished(outcome.latency);
         health.last_error = outcome.result.as_ref().err().map(ToString::to_string);
         let after = (health.settled(thresholds), health.last_result);
         (changed, first || before != after)
@@ -308,7 +316,7 @@ async fn run_target(
         let Ok(_permit) = limit.acquire().await else {
             return;
         };
-        board.stats.record(scheduled.elapsed());
+        board.stats.started(scheduled.elapsed());
         // Boxed: the probe future (TLS, HTTP and gRPC clients inside) is kilobytes, and inline it
         // would make each of thousands of idle target tasks that large between probes.
         let outcome = Box::pin(probe(&spec.check, spec.addr, spec.timing.timeout)).await;
@@ -405,6 +413,40 @@ mod tests {
         engine.board.record(&key, &outcome(false), thresholds);
         engine.board.seed_ready(key.service_host());
         assert_eq!(engine.board.readiness(&key), Readiness::NotReady);
+        engine.shutdown();
+    }
+
+    #[tokio::test]
+    async fn each_target_counts_its_results_and_transitions() {
+        let (changes, _) = broadcast::channel(16);
+        let mut engine = Engine::new(1, changes);
+        engine.reconcile([&definition(1, Duration::from_secs(3600), Check::Tcp)]);
+        let key = engine.running.keys().next().unwrap().clone();
+        let thresholds = Thresholds {
+            success: 1,
+            failure: 2,
+        };
+        for result in [
+            Ok(()),
+            Err(super::super::Failure::Refused),
+            Err(super::super::Failure::Refused),
+        ] {
+            let outcome = Outcome {
+                result,
+                latency: Duration::from_millis(3),
+            };
+            engine.board.record(&key, &outcome, thresholds);
+        }
+        let health = engine.board.snapshot()[&key].clone();
+        assert_eq!(
+            health.results.iter().collect::<Vec<_>>(),
+            [("success", 1), ("refused", 2)]
+        );
+        assert_eq!(health.transitions, 2, "unknown → ready → not ready");
+        assert_eq!(
+            *engine.board.stats.snapshot().duration_ms.last().unwrap(),
+            (None, 3)
+        );
         engine.shutdown();
     }
 

@@ -15,9 +15,21 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 pub use engine::{Engine, HealthBoard, ServiceHost, TargetHealth, TargetKey};
-pub use stats::StatsSnapshot;
+pub use stats::{Buckets, StatsSnapshot};
 
 use crate::model::Check;
+
+/// Every result a probe can have: `success`, then each [`Failure::label`]. Bounded, so it can
+/// label metrics.
+pub const RESULTS: [&str; 7] = [
+    "success",
+    "timeout",
+    "refused",
+    "unreachable",
+    "http_status",
+    "not_serving",
+    "error",
+];
 
 /// Why a probe failed. The variant is the bounded label shown on the status page and metrics.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,5 +109,24 @@ pub async fn probe(check: &Check, addr: SocketAddr, timeout: Duration) -> Outcom
     Outcome {
         result,
         latency: started.elapsed(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_label_is_a_known_result() {
+        let failures = [
+            Failure::Timeout(Duration::ZERO),
+            Failure::Refused,
+            Failure::Unreachable(String::new()),
+            Failure::HttpStatus(500),
+            Failure::NotServing(String::new()),
+            Failure::Error(String::new()),
+        ];
+        let labels: Vec<_> = failures.iter().map(Failure::label).collect();
+        assert_eq!(labels, RESULTS[1..]);
     }
 }

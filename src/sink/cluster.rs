@@ -46,6 +46,8 @@ pub struct ClusterStatus {
     pub conflicts: BTreeMap<String, String>,
     /// Create/update/delete calls made since start; stays flat while nothing changes.
     pub writes: u64,
+    /// Definition applies that failed since start (each retry counts).
+    pub apply_errors: u64,
 }
 
 /// The objects last applied for one definition: rendered content and the resourceVersion the
@@ -394,6 +396,7 @@ impl ClusterSink {
                         s.connected = Some(!unreachable);
                         s.last_error = Some(format!("{key}: {error}"));
                         s.errors.insert(name, error.clone());
+                        s.apply_errors += 1;
                     });
                     outcomes.insert(
                         key.clone(),

@@ -11,4 +11,4 @@ mod seed;
 
 pub use client::{WATCH_TIMEOUT_SECS, connect};
 pub use cluster::{ClusterSink, ClusterStatus};
-pub use seed::ready_hosts;
+pub use seed::{ready_hosts, try_ready_hosts};

@@ -319,6 +319,8 @@ mod tests {
             last_latency_ms: Some(1.0),
             last_result: Some(if failures > 0 { "refused" } else { "success" }),
             last_error: (failures > 0).then(|| "connection refused".to_string()),
+            results: Default::default(),
+            transitions: 0,
         }
     }
 

@@ -15,13 +15,38 @@ use crate::render::{SERVICE_NAME_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL
 /// Hosts marked ready in the EndpointSlices this daemon manages. Bounded by `timeout`: an
 /// unreachable cluster just contributes nothing.
 pub async fn ready_hosts(client: Client, timeout: Duration) -> Vec<ServiceHost> {
+    try_ready_hosts(client, timeout).await.unwrap_or_default()
+}
+
+/// Why a cluster gave no list of ready hosts.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+}
+
+impl SeedError {
+    /// The API server answered, if only to refuse.
+    pub fn answered(&self) -> bool {
+        matches!(self, SeedError::Kube(kube::Error::Api(_)))
+    }
+}
+
+/// Like [`ready_hosts`], saying why when the cluster gave no list: the daemon's first word from
+/// each cluster.
+pub async fn try_ready_hosts(
+    client: Client,
+    timeout: Duration,
+) -> Result<Vec<ServiceHost>, SeedError> {
     let api: Api<EndpointSlice> = Api::all(client);
     let params =
         ListParams::default().labels(&format!("{SLICE_MANAGED_BY_LABEL}={SLICE_CONTROLLER}"));
-    let Ok(Ok(slices)) = tokio::time::timeout(timeout, api.list(&params)).await else {
-        return Vec::new();
-    };
-    slices.items.iter().flat_map(ready_in_slice).collect()
+    let slices = tokio::time::timeout(timeout, api.list(&params))
+        .await
+        .map_err(|_| SeedError::NoAnswer(timeout))??;
+    Ok(slices.items.iter().flat_map(ready_in_slice).collect())
 }
 
 fn ready_in_slice(slice: &EndpointSlice) -> Vec<ServiceHost> {

@@ -15,6 +15,7 @@ mod plan;
 mod probes;
 mod reload;
 mod smoke;
+mod status;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,7 @@ const SUITES: &[fn() -> Vec<support::Case>] = &[
     crd::cases,
     objects::cases,
     plan::cases,
+    status::cases,
 ];
 
 fn main() -> ExitCode {

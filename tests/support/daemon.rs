@@ -150,20 +150,33 @@ impl Daemon {
 
     /// `GET /api/v1/status`, waiting for the server to come up.
     pub async fn status(&self) -> Result<serde_json::Value> {
-        let url = format!("http://{}/api/v1/status", self.status);
+        let (code, _, body) = self.get("/api/v1/status").await?;
+        anyhow::ensure!(code == 200, "status API answered {code}: {body}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// `GET path` on the status server, waiting for it to come up: (status code, content type,
+    /// body).
+    pub async fn get(&self, path: &str) -> Result<(u16, String, String)> {
+        let url = format!("http://{}{path}", self.status);
         super::control_plane::install_crypto_provider();
         let client = reqwest::Client::builder().no_proxy().build()?;
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             match client.get(&url).send().await {
                 Ok(r) => {
-                    return Ok(serde_json::from_slice(
-                        &r.error_for_status()?.bytes().await?,
-                    )?);
+                    let code = r.status().as_u16();
+                    let content_type = r
+                        .headers()
+                        .get(reqwest::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    return Ok((code, content_type, r.text().await?));
                 }
                 Err(e) if tokio::time::Instant::now() > deadline => {
                     return Err(e).with_context(|| {
-                        format!("status API never answered\n{}", self.log_tail(30))
+                        format!("status server never answered\n{}", self.log_tail(30))
                     });
                 }
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
