@@ -114,8 +114,12 @@ pub struct ClusterEndpointSpec {
     ))]
     pub ports: Vec<PortSpec>,
     /// Target clusters by name; absent means every configured cluster (for an object: the
-    /// cluster it is in).
+    /// cluster it is in, which it always targets).
     pub clusters: Option<Vec<String>>,
+    /// Hosts for every port that lists none: where the original operator kept them before
+    /// v0.2.1, accepted so objects of that time keep working.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, JsonSchema)]

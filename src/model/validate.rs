@@ -146,7 +146,7 @@ fn build_definition(m: &Manifest, report: &mut Report) -> Option<Definition> {
     for (i, p) in spec.ports.iter().enumerate() {
         let field = format!("spec.ports[{i}]");
         let period = period.unwrap_or(Duration::from_secs(10));
-        let Some(port) = build_port(p, &field, period, multi, report) else {
+        let Some(port) = build_port(p, &field, period, multi, &spec.hosts, report) else {
             continue;
         };
         if !names.insert(port.name.clone()) {
@@ -203,6 +203,7 @@ fn build_port(
     field: &str,
     period: Duration,
     multi: bool,
+    shared_hosts: &[String],
     report: &mut Report,
 ) -> Option<Port> {
     let port = port_number(p.port, &format!("{field}.port"), report);
@@ -275,9 +276,15 @@ fn build_port(
         _ => true,
     };
 
+    // Before v0.2.1 the original operator kept one host list for all ports in `spec.hosts`.
+    let (listed, hosts_field) = if p.hosts.is_empty() && !shared_hosts.is_empty() {
+        (shared_hosts, "spec.hosts".to_string())
+    } else {
+        (p.hosts.as_slice(), format!("{field}.hosts"))
+    };
     let mut hosts = Vec::new();
-    for (j, raw) in p.hosts.iter().enumerate() {
-        let host_field = format!("{field}.hosts[{j}]");
+    for (j, raw) in listed.iter().enumerate() {
+        let host_field = format!("{hosts_field}[{j}]");
         match endpoint_ip(raw) {
             Ok(ip) if hosts.contains(&ip) => report.add(host_field, raw, "duplicate host"),
             Ok(ip) => hosts.push(ip),
@@ -646,6 +653,25 @@ mod tests {
             tcp_socket: Some(TcpSocketSpec { enable: true }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn shared_hosts_of_the_original_before_v0_2_1_serve_ports_without_their_own() {
+        let mut m = manifest(vec![
+            tcp_port("pg", 5432, &[]),
+            tcp_port("admin", 8080, &["10.0.0.9"]),
+        ]);
+        m.spec.hosts = vec!["10.0.0.1".into(), "127.0.0.1".into()];
+        let (def, problems) = validate(&m, "f.yaml");
+        let def = def.unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(def.ports[0].hosts, [ip("10.0.0.1")]);
+        assert_eq!(def.ports[1].hosts, [ip("10.0.0.9")]);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(
+            (problems[0].field.as_str(), problems[0].value.as_str()),
+            ("spec.hosts[1]", "127.0.0.1")
+        );
     }
 
     #[test]

@@ -75,7 +75,9 @@ pub fn render(
 }
 
 /// The ownerReference that ties a cluster's objects to the `ClusterEndpoint` in that cluster.
-/// Not `blockOwnerDeletion`: deleting the object must never wait for anything of ours.
+/// Not `blockOwnerDeletion`: deleting the object must never wait for anything of ours. Not
+/// `controller` either: a Service adopted from elsewhere may have a controller already (the API
+/// allows one), and garbage collection needs none.
 pub fn owner_reference(def: &Definition) -> Option<OwnerReference> {
     let object = def.object.as_ref()?;
     Some(OwnerReference {
@@ -83,7 +85,7 @@ pub fn owner_reference(def: &Definition) -> Option<OwnerReference> {
         kind: crate::model::KIND.into(),
         name: def.key.name.clone(),
         uid: object.uid.clone(),
-        controller: Some(true),
+        controller: None,
         block_owner_deletion: None,
     })
 }

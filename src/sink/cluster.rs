@@ -390,7 +390,7 @@ impl ClusterSink {
                     retry.at = Instant::now() + retry.backoff.next();
                     retry.unreachable = unreachable;
                     later(retry.at);
-                    let error = error_chain(&e);
+                    let error = e.describe();
                     warn!(cluster = %self.name, definition = %key, %error, "apply failed; will retry");
                     self.update_status(|s| {
                         s.connected = Some(!unreachable);
@@ -731,6 +731,17 @@ impl Default for Retry {
 }
 
 impl SyncError {
+    /// What a person reads: an API refusal is its message and code (kube's own text appends a
+    /// debug dump of the whole response), anything else the chain of causes.
+    fn describe(&self) -> String {
+        match self {
+            SyncError::Kube(kube::Error::Api(status)) => {
+                format!("{} ({} {})", status.message, status.code, status.reason)
+            }
+            other => error_chain(other),
+        }
+    }
+
     /// No answer from the API server (as opposed to an answer refusing the request).
     fn is_unreachable(&self) -> bool {
         matches!(self, SyncError::Kube(e) if !matches!(e, kube::Error::Api(_)))

@@ -157,13 +157,20 @@ pub fn status_of(
             }
         })
         .collect();
-    let healthy = synced && ready == total;
+    let healthy = synced && ready == total && total > 0;
     if !synced {
         conditions.set(
             condition::READY,
             false,
             "NotSynced",
             "objects not applied yet",
+        );
+    } else if total == 0 {
+        conditions.set(
+            condition::READY,
+            false,
+            "NoHosts",
+            "no port has a usable host",
         );
     } else if healthy {
         conditions.set(condition::READY, true, "AllHostsReady", "");
@@ -437,6 +444,24 @@ mod tests {
             status_of(&inputs, probed, Some(&before)).ports,
             before.ports
         );
+    }
+
+    #[test]
+    fn an_object_without_a_usable_host_is_not_healthy() {
+        let mut def = definition();
+        for port in &mut def.ports {
+            port.hosts.clear();
+        }
+        let inputs = Inputs {
+            generation: Some(1),
+            definition: Some(&def),
+            problems: &[],
+            standing: applied(),
+        };
+        let status = status_of(&inputs, |_, _| None, None);
+        assert_eq!(status.phase, "UnHealthy");
+        assert_eq!(condition(&status, "Ready").reason, "NoHosts");
+        assert_eq!(status.ready_hosts.as_deref(), Some("0/0"));
     }
 
     #[test]

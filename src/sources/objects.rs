@@ -7,7 +7,7 @@
 //! that nothing removes once it is gone; this source removes that finalizer from objects being
 //! deleted, so they do not hang. It adds no finalizer of its own.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::model::crd::ClusterEndpoint;
 use crate::model::spec::{Manifest, Metadata};
 use crate::model::{
-    Definition, DefinitionId, DefinitionKey, ObjectInfo, ObjectState, Source, validate,
+    Definition, DefinitionId, DefinitionKey, ObjectInfo, ObjectState, Problem, Source, validate,
 };
 use crate::sink::WATCH_TIMEOUT_SECS;
 
@@ -83,6 +83,7 @@ async fn watch(
     let mut listed: BTreeSet<String> = BTreeSet::new();
     let mut failing = false;
     let mut sent: Option<ObjectList> = None;
+    let mut last_good = HashMap::new();
     while let Some((scope, event)) = events.next().await {
         let changed = match event {
             Ok(Event::Init) => {
@@ -125,7 +126,7 @@ async fn watch(
             continue;
         }
         release_legacy_finalizers(&client, objects.values()).await;
-        let list = validate_all(&cluster, objects.values());
+        let list = validate_all(&cluster, objects.values(), &mut last_good);
         // A status written by the sinks comes back as a change: not one worth passing on.
         if sent.as_ref().is_some_and(|s| same_but_status(s, &list)) {
             continue;
@@ -153,11 +154,15 @@ fn in_scope(scope: &str, namespace: &str) -> bool {
     scope.is_empty() || scope == namespace
 }
 
-/// Validates each live object into a definition for its own cluster (plus any it names).
+/// Validates each live object into a definition for its own cluster (plus any it names). As with
+/// files, an edit with problems never takes away what is in force: the object's last version
+/// without problems (kept in `last_good`, by uid) stays until it is fixed.
 pub fn validate_all<'a>(
     cluster: &str,
     objects: impl IntoIterator<Item = &'a ClusterEndpoint>,
+    last_good: &mut HashMap<String, Definition>,
 ) -> ObjectList {
+    let mut good = HashMap::new();
     let mut list = ObjectList {
         cluster: cluster.to_string(),
         ..Default::default()
@@ -176,20 +181,29 @@ pub fn validate_all<'a>(
             },
         };
         let origin = format!("cluster {cluster}: ClusterEndpoint {}", id.key);
-        let (definition, problems) = validate(&manifest_of(object), &origin);
+        let (definition, mut problems) = validate(&manifest_of(object), &origin);
         let info = ObjectInfo {
             uid: object.uid().unwrap_or_default(),
             generation: object.metadata.generation,
         };
-        if let Some(mut definition) = definition {
-            definition.source = id.source.clone();
-            definition.object = Some(info.clone());
-            let mut clusters = definition.clusters.take().unwrap_or_default();
-            if !clusters.iter().any(|c| c == cluster) {
-                clusters.push(cluster.to_string());
-                clusters.sort();
+        let kept = last_good.remove(&info.uid).filter(|_| !problems.is_empty());
+        let in_force = problems.is_empty() || kept.is_some();
+        let definition = match kept {
+            Some(kept) => {
+                problems.push(Problem {
+                    origin: origin.clone(),
+                    field: String::new(),
+                    value: String::new(),
+                    reason: "this version has problems; the last version without problems stays in force".into(),
+                });
+                Some(kept)
             }
-            definition.clusters = Some(clusters);
+            None => definition.map(|d| own(d, &id, &info, cluster)),
+        };
+        if let Some(definition) = definition {
+            if in_force {
+                good.insert(info.uid.clone(), definition.clone());
+            }
             list.definitions.push(definition);
         }
         let state = ObjectState {
@@ -199,7 +213,27 @@ pub fn validate_all<'a>(
         };
         list.objects.insert(id, state);
     }
+    *last_good = good;
     list
+}
+
+/// A definition read from an object: its source, the object, and its own cluster among its
+/// targets.
+fn own(
+    mut definition: Definition,
+    id: &DefinitionId,
+    info: &ObjectInfo,
+    cluster: &str,
+) -> Definition {
+    definition.source = id.source.clone();
+    definition.object = Some(info.clone());
+    let mut clusters = definition.clusters.take().unwrap_or_default();
+    if !clusters.iter().any(|c| c == cluster) {
+        clusters.push(cluster.to_string());
+        clusters.sort();
+    }
+    definition.clusters = Some(clusters);
+    definition
 }
 
 fn manifest_of(object: &ClusterEndpoint) -> Manifest {
@@ -254,5 +288,69 @@ async fn release_legacy_finalizers<'a>(
                 warn!(object = %name, error = %e, "cannot remove the original operator's finalizer")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(uid: &str, generation: i64, hosts: &[&str]) -> ClusterEndpoint {
+        serde_json::from_value(json!({
+            "apiVersion": "sealos.io/v1beta1",
+            "kind": "ClusterEndpoint",
+            "metadata": {
+                "name": "db", "namespace": "apps", "uid": uid, "generation": generation,
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}", "team": "a"}
+            },
+            "spec": {"ports": [{"name": "pg", "port": 5432, "hosts": hosts}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_object_targets_its_own_cluster_and_keeps_its_own_annotations_to_itself() {
+        let list = validate_all(
+            "east",
+            [&object("u1", 1, &["10.0.0.1"])],
+            &mut HashMap::new(),
+        );
+        let def = &list.definitions[0];
+        assert_eq!(
+            def.source,
+            Source::Object {
+                cluster: "east".into()
+            }
+        );
+        assert_eq!(def.clusters.as_deref(), Some(&["east".to_string()][..]));
+        assert_eq!(def.object.as_ref().map(|o| o.uid.as_str()), Some("u1"));
+        assert_eq!(def.annotations.keys().collect::<Vec<_>>(), ["team"]);
+    }
+
+    #[test]
+    fn an_edit_with_problems_keeps_the_last_good_version_in_force() {
+        let mut last_good = HashMap::new();
+        let good = validate_all("east", [&object("u1", 1, &["10.0.0.1"])], &mut last_good);
+        let bad = validate_all("east", [&object("u1", 2, &["127.0.0.1"])], &mut last_good);
+        assert_eq!(bad.definitions, good.definitions);
+        let state = bad.objects.values().next().unwrap();
+        assert_eq!(state.info.generation, Some(2));
+        let reasons: Vec<&str> = state.problems.iter().map(|p| p.reason.as_str()).collect();
+        assert!(
+            reasons.iter().any(|r| r.contains("stays in force")),
+            "{reasons:?}"
+        );
+        // Fixed: the new version is taken; another object starts from scratch.
+        let fixed = validate_all("east", [&object("u1", 3, &["10.0.0.2"])], &mut last_good);
+        assert_eq!(
+            fixed.definitions[0].ports[0].hosts,
+            ["10.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        let other = validate_all(
+            "east",
+            [&object("u2", 1, &["127.0.0.1", "10.0.0.3"])],
+            &mut last_good,
+        );
+        assert_eq!(other.definitions[0].ports[0].hosts.len(), 1);
     }
 }

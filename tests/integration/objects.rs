@@ -194,7 +194,7 @@ async fn applied_with_status(cp: &'static ControlPlane) -> Result<()> {
         owners.len() == 1
             && owners[0].uid == uid
             && owners[0].kind == "ClusterEndpoint"
-            && owners[0].controller == Some(true),
+            && owners[0].block_owner_deletion != Some(true),
         "the Service is owned by its object: {owners:?}"
     );
     let labels = service.metadata.labels.clone().unwrap_or_default();
