@@ -28,6 +28,8 @@ pub struct Config {
     pub clusters: Vec<ClusterConfig>,
     #[serde(default)]
     pub probes: ProbesConfig,
+    #[serde(default)]
+    pub leader_election: LeaderElectionConfig,
 }
 
 fn default_instance() -> String {
@@ -42,6 +44,30 @@ impl Default for Config {
             sources: SourcesConfig::default(),
             clusters: Vec::new(),
             probes: ProbesConfig::default(),
+            leader_election: LeaderElectionConfig::default(),
+        }
+    }
+}
+
+/// Several daemons with the same `instance` (replicas, or bastion hosts side by side): in each
+/// target cluster only the holder of a Lease writes; the others probe and wait to take over.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderElectionConfig {
+    pub enabled: bool,
+    /// Namespace of the Lease in each target cluster; default: the daemon's own namespace when
+    /// it runs in a cluster, else `default`.
+    pub namespace: Option<String>,
+    /// How long a Lease holds without renewal: the longest a dead leader goes unnoticed.
+    pub lease_seconds: u64,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        LeaderElectionConfig {
+            enabled: false,
+            namespace: None,
+            lease_seconds: 15,
         }
     }
 }
@@ -251,6 +277,16 @@ fn validate(config: &Config, file: &str) -> Result<(), ConfigError> {
             field: "probes.concurrency".into(),
             value: "0".into(),
             reason: "must be at least 1".into(),
+        });
+    }
+    // The holder renews 5 s before expiry (kube-lease-manager's grace), so less leaves no room.
+    let lease = config.leader_election.lease_seconds;
+    if lease < 10 {
+        return Err(ConfigError::Field {
+            file: file.into(),
+            field: "leader_election.lease_seconds".into(),
+            value: lease.to_string(),
+            reason: "must be at least 10".into(),
         });
     }
     Ok(())

@@ -13,10 +13,10 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use crate::config::{self, ClusterConfig, Config, Overrides, SourcesConfig};
+use crate::config::{self, ClusterConfig, Config, LeaderElectionConfig, Overrides, SourcesConfig};
 use crate::model::{DefinitionKey, Desired, Problem, unknown_clusters};
 use crate::probe::{Engine, HealthBoard};
-use crate::sink::{ClusterSink, ClusterStatus, connect, try_ready_hosts};
+use crate::sink::{ClusterSink, ClusterStatus, connect, elect, try_ready_hosts};
 use crate::sources::files::{self, Loaded};
 use crate::sources::objects::{self, ObjectList};
 use crate::sources::watch::FileWatch;
@@ -54,6 +54,7 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
 
     let mut sinks = Sinks {
         running: BTreeMap::new(),
+        writers: Vec::new(),
         shown: SharedClusters::default(),
         object_updates,
     };
@@ -143,6 +144,7 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
     }
     info!("shutting down; applied objects are left as they are");
     engine.shutdown();
+    sinks.stop().await;
     Ok(())
 }
 
@@ -187,6 +189,8 @@ fn publish(next: &Desired, engine: &mut Engine, desired: &watch::Sender<Arc<Desi
 /// clusters.
 struct Sinks {
     running: BTreeMap<String, Running>,
+    /// Every writer task started, to wait for on shutdown (Leases being released).
+    writers: Vec<JoinHandle<()>>,
     shown: SharedClusters,
     object_updates: mpsc::Sender<ObjectList>,
 }
@@ -196,7 +200,17 @@ struct Running {
     cluster: ClusterConfig,
     instance: String,
     sources: SourcesConfig,
+    election: LeaderElectionConfig,
     tasks: Vec<JoinHandle<()>>,
+    /// Tells the writer to stop (releasing its Lease first, with leader election).
+    stop: watch::Sender<bool>,
+}
+
+impl Running {
+    fn stop(&self) {
+        self.stop.send_replace(true);
+        self.tasks.iter().for_each(JoinHandle::abort);
+    }
 }
 
 impl Sinks {
@@ -218,9 +232,10 @@ impl Sinks {
         self.running.retain(|name, running| {
             let keep = wanted.get(name) == Some(&running.cluster)
                 && running.instance == config.instance
+                && running.election == config.leader_election
                 && objects(&running.sources) == objects(&config.sources);
             if !keep {
-                running.tasks.iter().for_each(JoinHandle::abort);
+                running.stop();
                 info!(cluster = %name, "cluster sink stopped");
             }
             keep
@@ -253,30 +268,149 @@ impl Sinks {
                     continue;
                 }
             };
-            let sink = ClusterSink::new(
-                name.clone(),
-                config.instance.clone(),
-                client.clone(),
-                board.clone(),
-            );
-            seed(&name, client.clone(), &board, &sink.status()).await;
+            let status = Arc::new(Mutex::new(ClusterStatus {
+                name: name.clone(),
+                ..Default::default()
+            }));
+            seed(&name, client.clone(), &board, &status).await;
             let mut tasks = Vec::new();
             if config.sources.crd {
                 let updates = self.object_updates.clone();
                 let namespaces = &config.sources.namespaces;
-                tasks.push(objects::spawn(name.clone(), client, namespaces, updates));
+                let source = objects::spawn(name.clone(), client.clone(), namespaces, updates);
+                tasks.push(source);
             }
-            shown.push(sink.status());
-            tasks.push(tokio::spawn(sink.run(desired.clone(), changes.subscribe())));
+            let (stop, stopped) = watch::channel(false);
+            let writer = Writer {
+                name: name.clone(),
+                instance: config.instance.clone(),
+                client,
+                board: board.clone(),
+                status: status.clone(),
+                desired: desired.clone(),
+                changes: changes.clone(),
+            };
+            let election = config.leader_election.clone();
+            let writing = if election.enabled {
+                tokio::spawn(writer.lead(election, stopped))
+            } else {
+                tokio::spawn(writer.write(stopped))
+            };
+            shown.push(status);
             let running = Running {
                 cluster,
                 instance: config.instance.clone(),
                 sources: config.sources.clone(),
+                election: config.leader_election.clone(),
                 tasks,
+                stop,
             };
+            self.writers.retain(|w| !w.is_finished());
+            self.writers.push(writing);
             self.running.insert(name, running);
         }
         *self.shown.lock().unwrap_or_else(|e| e.into_inner()) = shown;
+    }
+}
+
+impl Sinks {
+    /// Stops writing everywhere; with leader election each Lease is released first, so a
+    /// standby takes over at once.
+    async fn stop(self) {
+        for running in self.running.values() {
+            running.stop();
+        }
+        for writer in self.writers {
+            let _ = tokio::time::timeout(Duration::from_secs(6), writer).await;
+        }
+    }
+}
+
+/// What a cluster's writer needs: a sink is built from it each time this daemon may write.
+struct Writer {
+    name: String,
+    instance: String,
+    client: kube::Client,
+    board: Arc<HealthBoard>,
+    status: Arc<Mutex<ClusterStatus>>,
+    desired: watch::Receiver<Arc<Desired>>,
+    changes: broadcast::Sender<DefinitionKey>,
+}
+
+impl Writer {
+    fn spawn_sink(&self) -> JoinHandle<()> {
+        let sink = ClusterSink::new(
+            self.name.clone(),
+            self.instance.clone(),
+            self.client.clone(),
+            self.board.clone(),
+            self.status.clone(),
+        );
+        tokio::spawn(sink.run(self.desired.clone(), self.changes.subscribe()))
+    }
+
+    /// Writes until told to stop.
+    async fn write(self, mut stop: watch::Receiver<bool>) {
+        let sink = self.spawn_sink();
+        let _ = stop.wait_for(|s| *s).await;
+        sink.abort();
+    }
+
+    /// Writes only while holding the cluster's Lease; competes again when it is lost, and
+    /// releases it when told to stop.
+    async fn lead(self, election: LeaderElectionConfig, mut stop: watch::Receiver<bool>) {
+        let set = |leading: bool| {
+            self.status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .leading = Some(leading);
+        };
+        set(false);
+        let mut backoff = Duration::from_secs(1);
+        let mut leadership = loop {
+            match elect(&self.name, self.client.clone(), &election, &self.instance).await {
+                Ok(leadership) => break leadership,
+                Err(e) => {
+                    let error = format!("leader election: {e:#}");
+                    warn!(cluster = %self.name, %error, "cannot compete for leadership; retrying");
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error = Some(error);
+                }
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        };
+        let mut sink: Option<JoinHandle<()>> = None;
+        loop {
+            let leading = *leadership.leading.borrow_and_update();
+            match (leading, &sink) {
+                (true, None) => {
+                    info!(cluster = %self.name, "leading: this daemon writes to the cluster");
+                    set(true);
+                    sink = Some(self.spawn_sink());
+                }
+                (false, Some(task)) => {
+                    warn!(cluster = %self.name, "leadership lost: writing stops");
+                    task.abort();
+                    sink = None;
+                    set(false);
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                changed = leadership.leading.changed() => if changed.is_err() { break },
+            }
+        }
+        if let Some(task) = sink {
+            task.abort();
+        }
+        leadership.release().await;
     }
 }
 

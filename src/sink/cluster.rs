@@ -46,6 +46,9 @@ pub struct ClusterStatus {
     pub conflicts: BTreeMap<String, String>,
     /// Create/update/delete calls made since start; stays flat while nothing changes.
     pub writes: u64,
+    /// With leader election: whether this daemon holds the cluster's Lease and writes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leading: Option<bool>,
     /// Definition applies that failed since start (each retry counts).
     pub apply_errors: u64,
 }
@@ -101,17 +104,21 @@ pub struct ClusterSink {
 }
 
 impl ClusterSink {
-    pub fn new(name: String, instance: String, client: Client, board: Arc<HealthBoard>) -> Self {
-        let status = ClusterStatus {
-            name: name.clone(),
-            ..Default::default()
-        };
+    /// A sink reporting into `status` (kept by the caller, so it outlives a sink that stops when
+    /// leadership is lost).
+    pub fn new(
+        name: String,
+        instance: String,
+        client: Client,
+        board: Arc<HealthBoard>,
+        status: Arc<Mutex<ClusterStatus>>,
+    ) -> Self {
         let events = Events::new(client.clone(), &instance);
         let writer = Writer {
             name: name.clone(),
             client,
             instance,
-            status: Arc::new(Mutex::new(status)),
+            status,
         };
         ClusterSink {
             name,
@@ -125,10 +132,6 @@ impl ClusterSink {
             statuses: HashMap::new(),
             retry: HashMap::new(),
         }
-    }
-
-    pub fn status(&self) -> Arc<Mutex<ClusterStatus>> {
-        self.writer.status.clone()
     }
 
     fn update_status(&self, f: impl FnOnce(&mut ClusterStatus)) {

@@ -6,9 +6,11 @@ mod client;
 mod cluster;
 mod drift;
 mod events;
+mod leader;
 mod object_status;
 mod seed;
 
 pub use client::{WATCH_TIMEOUT_SECS, connect};
 pub use cluster::{ClusterSink, ClusterStatus};
+pub use leader::elect;
 pub use seed::{ready_hosts, try_ready_hosts};

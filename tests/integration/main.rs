@@ -9,6 +9,7 @@ mod support;
 mod clusters;
 mod crd;
 mod daemon;
+mod leader;
 mod objects;
 mod packaging;
 mod plan;
@@ -29,6 +30,7 @@ const SUITES: &[fn() -> Vec<support::Case>] = &[
     clusters::cases,
     crd::cases,
     objects::cases,
+    leader::cases,
     plan::cases,
     status::cases,
 ];

@@ -76,6 +76,24 @@ impl Daemon {
         Daemon::launch(cp, files, free_port()?, extra, instance, Some(namespace))
     }
 
+    /// Starts as `instance` with `extra` appended to the config: daemons sharing an instance
+    /// (with `[leader_election]`, say).
+    pub fn start_as_with_config(
+        cp: &ControlPlane,
+        files: &[(&str, String)],
+        instance: &str,
+        extra: &str,
+    ) -> Result<Daemon> {
+        Daemon::launch(cp, files, free_port()?, extra, instance, None)
+    }
+
+    /// SIGKILL: a daemon that dies without a word.
+    pub fn kill(self) -> Result<()> {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.component.pid())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)?;
+        Ok(())
+    }
+
     /// A fresh instance name, for tests that restart a daemon under the same one.
     pub fn new_instance() -> String {
         unique_instance()
