@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use crate::config::{self, ClusterConfig, Config, LeaderElectionConfig, Overrides, SourcesConfig};
 use crate::model::{DefinitionKey, Desired, Problem, unknown_clusters};
 use crate::probe::{Engine, HealthBoard};
-use crate::sink::{ClusterSink, ClusterStatus, connect, elect, try_ready_hosts};
+use crate::sink::{ClusterStatus, Writer, connect, try_ready_hosts};
 use crate::sources::files::{self, Loaded};
 use crate::sources::objects::{self, ObjectList};
 use crate::sources::watch::FileWatch;
@@ -323,94 +323,6 @@ impl Sinks {
         for writer in self.writers {
             let _ = tokio::time::timeout(Duration::from_secs(6), writer).await;
         }
-    }
-}
-
-/// What a cluster's writer needs: a sink is built from it each time this daemon may write.
-struct Writer {
-    name: String,
-    instance: String,
-    client: kube::Client,
-    board: Arc<HealthBoard>,
-    status: Arc<Mutex<ClusterStatus>>,
-    desired: watch::Receiver<Arc<Desired>>,
-    changes: broadcast::Sender<DefinitionKey>,
-}
-
-impl Writer {
-    fn spawn_sink(&self) -> JoinHandle<()> {
-        let sink = ClusterSink::new(
-            self.name.clone(),
-            self.instance.clone(),
-            self.client.clone(),
-            self.board.clone(),
-            self.status.clone(),
-        );
-        tokio::spawn(sink.run(self.desired.clone(), self.changes.subscribe()))
-    }
-
-    /// Writes until told to stop.
-    async fn write(self, mut stop: watch::Receiver<bool>) {
-        let sink = self.spawn_sink();
-        let _ = stop.wait_for(|s| *s).await;
-        sink.abort();
-    }
-
-    /// Writes only while holding the cluster's Lease; competes again when it is lost, and
-    /// releases it when told to stop.
-    async fn lead(self, election: LeaderElectionConfig, mut stop: watch::Receiver<bool>) {
-        let set = |leading: bool| {
-            self.status
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .leading = Some(leading);
-        };
-        set(false);
-        let mut backoff = Duration::from_secs(1);
-        let mut leadership = loop {
-            match elect(&self.name, self.client.clone(), &election, &self.instance).await {
-                Ok(leadership) => break leadership,
-                Err(e) => {
-                    let error = format!("leader election: {e:#}");
-                    warn!(cluster = %self.name, %error, "cannot compete for leadership; retrying");
-                    self.status
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .last_error = Some(error);
-                }
-            }
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => return,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
-        };
-        let mut sink: Option<JoinHandle<()>> = None;
-        loop {
-            let leading = *leadership.leading.borrow_and_update();
-            match (leading, &sink) {
-                (true, None) => {
-                    info!(cluster = %self.name, "leading: this daemon writes to the cluster");
-                    set(true);
-                    sink = Some(self.spawn_sink());
-                }
-                (false, Some(task)) => {
-                    warn!(cluster = %self.name, "leadership lost: writing stops");
-                    task.abort();
-                    sink = None;
-                    set(false);
-                }
-                _ => {}
-            }
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
-                changed = leadership.leading.changed() => if changed.is_err() { break },
-            }
-        }
-        if let Some(task) = sink {
-            task.abort();
-        }
-        leadership.release().await;
     }
 }
 

@@ -16,17 +16,14 @@ use tracing::{info, warn};
 
 use super::apply::{Synced, Writer};
 use super::drift::{self, Notice};
-use super::events::{Events, Regarding};
-use super::object_status::{Inputs, Standing, status_of};
-use crate::model::crd::{ClusterEndpoint, ClusterEndpointStatus, condition};
+use super::events::Events;
+use crate::model::crd::ClusterEndpointStatus;
 use crate::model::{Definition, DefinitionId, DefinitionKey, Desired, Port, Source};
 use crate::probe::state::Readiness;
 use crate::probe::{HealthBoard, TargetKey};
-use crate::render::{self, FIELD_MANAGER, Objects, pruneable};
+use crate::render::{self, Objects, pruneable};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::Api;
-use kube::api::{Patch, PatchParams};
 
 /// What the status page shows about one cluster.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -82,17 +79,17 @@ pub(super) enum SyncError {
 }
 
 pub struct ClusterSink {
-    name: String,
+    pub(super) name: String,
     /// The API side: client, instance name (written into labels, required for pruning), status.
-    writer: Writer,
-    board: Arc<HealthBoard>,
-    events: Events,
+    pub(super) writer: Writer,
+    pub(super) board: Arc<HealthBoard>,
+    pub(super) events: Events,
     /// Per Service: the objects last applied.
     pub(super) applied: HashMap<DefinitionKey, Applied>,
     /// When each definition not yet applied was first seen, for [`Self::hold_back`].
     first_seen: HashMap<DefinitionId, Instant>,
     /// The status last written to (or read from) each `ClusterEndpoint` in this cluster.
-    statuses: HashMap<DefinitionKey, ClusterEndpointStatus>,
+    pub(super) statuses: HashMap<DefinitionKey, ClusterEndpointStatus>,
     /// Objects from `ClusterEndpoint`s without a definition, found before every object was
     /// listed: orphans once the list is complete, unless a definition turns up.
     suspects: BTreeSet<DefinitionKey>,
@@ -134,7 +131,7 @@ impl ClusterSink {
         }
     }
 
-    fn update_status(&self, f: impl FnOnce(&mut ClusterStatus)) {
+    pub(super) fn update_status(&self, f: impl FnOnce(&mut ClusterStatus)) {
         f(&mut self.writer.status.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
@@ -154,7 +151,7 @@ impl ClusterSink {
         })
     }
 
-    fn ready(&self, def: &Definition, port: &Port, host: IpAddr) -> bool {
+    pub(super) fn ready(&self, def: &Definition, port: &Port, host: IpAddr) -> bool {
         port.check.is_none()
             || self.board.readiness(&TargetKey {
                 definition: def.id(),
@@ -431,7 +428,7 @@ impl ClusterSink {
         wake
     }
 
-    fn local_source(&self) -> Source {
+    pub(super) fn local_source(&self) -> Source {
         Source::Object {
             cluster: self.name.clone(),
         }
@@ -449,211 +446,6 @@ impl ClusterSink {
             .collect()
     }
 
-    /// Logs and posts Events for what a successful sync changed: hosts that turned ready or not
-    /// ready since the last apply (none on the first one), a recreated or adopted Service.
-    fn announce(
-        &self,
-        def: &Definition,
-        entry: &mut Applied,
-        published: BTreeMap<(String, IpAddr), bool>,
-        synced: Synced,
-    ) {
-        let owner = def
-            .object
-            .as_ref()
-            .filter(|_| def.source == self.local_source());
-        let service_uid = entry.service_uid.clone().unwrap_or_default();
-        let post = |warning: bool, reason: &str, note: String| {
-            self.events.publish(
-                Regarding::Service(&def.key, &service_uid),
-                warning,
-                reason,
-                note.clone(),
-            );
-            if let Some(object) = owner {
-                self.events.publish(
-                    Regarding::Object(&def.key, &object.uid),
-                    warning,
-                    reason,
-                    note,
-                );
-            }
-        };
-        if synced.recreated {
-            let note = format!(
-                "Service recreated: its clusterIP cannot change in place (now {})",
-                def.cluster_ip.as_deref().unwrap_or("allocated")
-            );
-            post(false, "Recreated", note);
-        }
-        if synced.adopted {
-            post(false, "Adopted", "existing Service taken over".into());
-        }
-        for ((port, host), ready) in &published {
-            let before = entry.published.get(&(port.clone(), *host));
-            if before.is_none_or(|b| b == ready) {
-                continue;
-            }
-            let target = TargetKey {
-                definition: def.id(),
-                port: port.clone(),
-                host: *host,
-            };
-            let at = def
-                .ports
-                .iter()
-                .find(|p| p.name == *port)
-                .map_or(0, |p| p.target_port);
-            let port_name = if port.is_empty() {
-                String::new()
-            } else {
-                format!(" (port {port})")
-            };
-            if *ready {
-                post(
-                    false,
-                    "HostReady",
-                    format!("{host}:{at}{port_name} is ready"),
-                );
-            } else {
-                let why = self
-                    .board
-                    .health(&target)
-                    .and_then(|h| h.last_error)
-                    .unwrap_or_else(|| "probe failed".into());
-                post(
-                    true,
-                    "HostNotReady",
-                    format!("{host}:{at}{port_name} is not ready: {why}"),
-                );
-            }
-        }
-        entry.published = published;
-    }
-
-    /// Computes the status of each `ClusterEndpoint` of this cluster among `outcomes` and
-    /// writes those that changed, with Events for a conflict, a refusal, an invalid spec or a
-    /// failed sync when it begins.
-    async fn write_statuses(
-        &mut self,
-        snapshot: &Desired,
-        outcomes: BTreeMap<DefinitionKey, Outcome>,
-    ) {
-        let mut writes = Vec::new();
-        for (key, outcome) in outcomes {
-            let id = DefinitionId {
-                key: key.clone(),
-                source: self.local_source(),
-            };
-            let Some(object) = snapshot.objects.get(&id) else {
-                continue;
-            };
-            let definition = snapshot.definitions.get(&id);
-            let winner = snapshot.winner(&self.name, &key);
-            let standing = match (winner, outcome) {
-                (Some(w), _) if w.id() != id => Standing::Overridden(w.origin.clone()),
-                (_, Outcome::Waiting) => Standing::Waiting,
-                (_, Outcome::Refused(reason)) => Standing::Refused(reason),
-                (
-                    _,
-                    Outcome::Applied {
-                        service,
-                        endpoints,
-                        error,
-                    },
-                ) => Standing::Applied {
-                    service,
-                    endpoints,
-                    error,
-                },
-                (_, Outcome::Nothing) => Standing::Waiting,
-            };
-            let inputs = Inputs {
-                generation: object.info.generation,
-                definition,
-                problems: &object.problems,
-                standing,
-            };
-            let previous = self.statuses.get(&key).or(object.status.as_ref());
-            // Objects applied before (by an earlier run, say) are not "waiting" again.
-            let applied_before = previous.is_some_and(|p| {
-                p.conditions
-                    .iter()
-                    .any(|c| c.type_ == condition::SYNC_SERVICE_READY && c.status == "True")
-            });
-            if inputs.standing == Standing::Waiting && applied_before {
-                continue;
-            }
-            let status = status_of(
-                &inputs,
-                |port, host| {
-                    self.board.health(&TargetKey {
-                        definition: id.clone(),
-                        port: port.name.clone(),
-                        host,
-                    })
-                },
-                previous,
-            );
-            if previous == Some(&status) {
-                continue;
-            }
-            self.announce_status(&key, &object.info.uid, previous, &status);
-            writes.push((key, status));
-        }
-        let client = self.writer.client.clone();
-        let written: Vec<_> = futures::stream::iter(writes)
-            .map(|(key, status)| {
-                let client = client.clone();
-                async move {
-                    let result = write_status(client, &key, &status).await;
-                    (key, status, result)
-                }
-            })
-            .buffer_unordered(WRITES_IN_FLIGHT)
-            .collect()
-            .await;
-        for (key, status, result) in written {
-            match result {
-                Ok(()) => {
-                    self.update_status(|s| s.writes += 1);
-                    self.statuses.insert(key, status);
-                }
-                // Not cached, so the next pass for this key tries again.
-                Err(e) => {
-                    warn!(cluster = %self.name, object = %key, error = %e, "cannot write ClusterEndpoint status")
-                }
-            }
-        }
-    }
-
-    /// Events on the object for the start of a conflict, a refusal, an invalid spec or a
-    /// failed sync (each once, when its condition turns to that reason).
-    fn announce_status(
-        &self,
-        key: &DefinitionKey,
-        uid: &str,
-        previous: Option<&ClusterEndpointStatus>,
-        status: &ClusterEndpointStatus,
-    ) {
-        let reason_of = |s: Option<&ClusterEndpointStatus>, type_: &str| {
-            s.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-                .map(|c| (c.reason.clone(), c.message.clone()))
-        };
-        for type_ in [condition::INITIALIZED, condition::SYNC_SERVICE_READY] {
-            let Some((reason, message)) = reason_of(Some(status), type_) else {
-                continue;
-            };
-            let warn = matches!(
-                reason.as_str(),
-                "InvalidSpec" | "Conflict" | "Refused" | "SyncFailed"
-            );
-            if warn && reason_of(previous, type_) != Some((reason.clone(), message.clone())) {
-                self.events
-                    .publish(Regarding::Object(key, uid), true, &reason, message);
-            }
-        }
-    }
     /// A definition not yet applied here waits until each of its hosts has a first probe result
     /// (at most one period plus timeout), so it does not appear with every host not ready.
     /// Ports still in their initial delay do not hold it back: their hosts start not ready.
@@ -753,7 +545,7 @@ impl SyncError {
 
 /// Definitions written at once per cluster: enough to keep a burst of transitions moving,
 /// few enough not to crowd the API server.
-const WRITES_IN_FLIGHT: usize = 16;
+pub(super) const WRITES_IN_FLIGHT: usize = 16;
 
 /// One definition's work in a pass: the definition, its objects and the host readiness they
 /// publish, with its cache entry.
@@ -770,7 +562,7 @@ struct SyncWork {
 }
 
 /// What a pass did for one Service, for the status of a `ClusterEndpoint` behind it.
-enum Outcome {
+pub(super) enum Outcome {
     /// Synced (or tried to): which parts are in line with the rendering, the error if not.
     Applied {
         service: bool,
@@ -815,24 +607,6 @@ impl Applied {
         );
         (service, slices && endpoints)
     }
-}
-
-/// Writes a `ClusterEndpoint`'s status by server-side apply: fields it no longer has go.
-async fn write_status(
-    client: Client,
-    key: &DefinitionKey,
-    status: &ClusterEndpointStatus,
-) -> Result<(), kube::Error> {
-    let api: Api<ClusterEndpoint> = Api::namespaced(client, &key.namespace);
-    let patch = serde_json::json!({
-        "apiVersion": crate::model::API_VERSION,
-        "kind": crate::model::KIND,
-        "status": status,
-    });
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    api.patch_status(&key.name, &params, &Patch::Apply(&patch))
-        .await
-        .map(drop)
 }
 
 /// Exponential retry delay for a failing definition: 0.5 s doubling to 30 s.

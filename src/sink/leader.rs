@@ -1,17 +1,21 @@
-//! Leader election per target cluster, on a Lease named after the instance: only the holder
-//! writes to that cluster, the others keep probing and take over when the Lease expires (a
+//! Who writes to a cluster. Without leader election, this daemon. With it, per target cluster,
+//! the holder of a Lease named after the instance: only the holder writes to that cluster, the others keep probing and take over when the Lease expires (a
 //! killed leader) or is released (a leader shutting down). One Lease per cluster also lets two
 //! bastion daemons split clusters between them rather than fight over any.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kube::Client;
 use kube_lease_manager::LeaseManagerBuilder;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::{ClusterSink, ClusterStatus};
 use crate::config::LeaderElectionConfig;
+use crate::model::{DefinitionKey, Desired};
+use crate::probe::HealthBoard;
 
 /// Renewal this long before expiry.
 const GRACE_SECONDS: u64 = 5;
@@ -86,5 +90,93 @@ impl Leadership {
             Ok(Ok(Err(e))) => warn!(lease = %self.lease, error = %e, "releasing the Lease failed"),
             _ => warn!(lease = %self.lease, "releasing the Lease took too long"),
         }
+    }
+}
+
+/// What a cluster's writer needs: a sink is built from it each time this daemon may write.
+pub struct Writer {
+    pub name: String,
+    pub instance: String,
+    pub client: kube::Client,
+    pub board: Arc<HealthBoard>,
+    pub status: Arc<Mutex<ClusterStatus>>,
+    pub desired: watch::Receiver<Arc<Desired>>,
+    pub changes: broadcast::Sender<DefinitionKey>,
+}
+
+impl Writer {
+    fn spawn_sink(&self) -> JoinHandle<()> {
+        let sink = ClusterSink::new(
+            self.name.clone(),
+            self.instance.clone(),
+            self.client.clone(),
+            self.board.clone(),
+            self.status.clone(),
+        );
+        tokio::spawn(sink.run(self.desired.clone(), self.changes.subscribe()))
+    }
+
+    /// Writes until told to stop.
+    pub async fn write(self, mut stop: watch::Receiver<bool>) {
+        let sink = self.spawn_sink();
+        let _ = stop.wait_for(|s| *s).await;
+        sink.abort();
+    }
+
+    /// Writes only while holding the cluster's Lease; competes again when it is lost, and
+    /// releases it when told to stop.
+    pub async fn lead(self, election: LeaderElectionConfig, mut stop: watch::Receiver<bool>) {
+        let set = |leading: bool| {
+            self.status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .leading = Some(leading);
+        };
+        set(false);
+        let mut backoff = Duration::from_secs(1);
+        let mut leadership = loop {
+            match elect(&self.name, self.client.clone(), &election, &self.instance).await {
+                Ok(leadership) => break leadership,
+                Err(e) => {
+                    let error = format!("leader election: {e:#}");
+                    warn!(cluster = %self.name, %error, "cannot compete for leadership; retrying");
+                    self.status
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .last_error = Some(error);
+                }
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        };
+        let mut sink: Option<JoinHandle<()>> = None;
+        loop {
+            let leading = *leadership.leading.borrow_and_update();
+            match (leading, &sink) {
+                (true, None) => {
+                    info!(cluster = %self.name, "leading: this daemon writes to the cluster");
+                    set(true);
+                    sink = Some(self.spawn_sink());
+                }
+                (false, Some(task)) => {
+                    warn!(cluster = %self.name, "leadership lost: writing stops");
+                    task.abort();
+                    sink = None;
+                    set(false);
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                changed = leadership.leading.changed() => if changed.is_err() { break },
+            }
+        }
+        if let Some(task) = sink {
+            task.abort();
+        }
+        leadership.release().await;
     }
 }

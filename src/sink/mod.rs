@@ -8,9 +8,10 @@ mod drift;
 mod events;
 mod leader;
 mod object_status;
+mod report;
 mod seed;
 
 pub use client::{WATCH_TIMEOUT_SECS, connect};
 pub use cluster::{ClusterSink, ClusterStatus};
-pub use leader::elect;
+pub use leader::Writer;
 pub use seed::{ready_hosts, try_ready_hosts};
