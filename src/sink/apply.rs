@@ -66,8 +66,10 @@ impl Writer {
                 def.key.name.clone(),
             ));
         }
-        self.apply(&def.key, objects.service, applied).await?;
+        // The live Service is prepared for this clusterIP: a retry after a failed apply does
+        // not adopt or recreate again.
         applied.cluster_ip = rendered_ip;
+        self.apply(&def.key, objects.service, applied).await?;
         let slice_names: BTreeSet<String> = objects
             .slices
             .iter()
