@@ -2,6 +2,9 @@
 # Builds the test control plane (etcd, kube-apiserver, kube-controller-manager) from the Go module proxy
 # and prints the folder holding the binaries. Idempotent: a complete cached build is reused as it is.
 #
+#   testenv/build.sh          the control plane; prints the folder
+#   testenv/build.sh helm     helm (the tests render charts/ with it); prints the binary's path
+#
 # Environment:
 #   KUBEBUILDER_ASSETS            use this folder's binaries instead of building (envtest convention)
 #   ENDPOINTS_OPERATOR_TESTENV_CACHE  cache root (default: ${XDG_CACHE_HOME:-~/.cache}/endpoints-operator/testenv)
@@ -10,10 +13,39 @@ set -euo pipefail
 
 KUBE_VERSION="${KUBE_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.17}"
+HELM_VERSION="${HELM_VERSION:-v4.3.2}"
 BINARIES=(etcd kube-apiserver kube-controller-manager)
 
 log() { printf 'testenv: %s\n' "$*" >&2; }
 die() { printf 'testenv: error: %s\n' "$*" >&2; exit 1; }
+
+cache_root="${ENDPOINTS_OPERATOR_TESTENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/endpoints-operator/testenv}"
+
+# helm's own go.mod pins its dependencies and has no replace lines, so `go install pkg@version`
+# builds exactly that release. Its own lock: it never waits for a control plane build.
+build_helm() {
+  local out="$cache_root/helm-$HELM_VERSION"
+  if [[ -x "$out/helm" ]]; then printf '%s\n' "$out/helm"; return; fi
+  command -v go >/dev/null || die "the Go toolchain is needed to build helm (go not on PATH)"
+  mkdir -p "$out"
+  exec 8>"$cache_root/.lock-helm"
+  flock 8
+  if [[ -x "$out/helm" ]]; then printf '%s\n' "$out/helm"; return; fi
+  log "building helm $HELM_VERSION (a cold build takes a few minutes)"
+  rm -rf "$out/tmp"
+  GOTOOLCHAIN=local CGO_ENABLED=0 GOBIN="$out/tmp" GOFLAGS=-mod=mod go install -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v4/internal/version.version=$HELM_VERSION" \
+    "helm.sh/helm/v4/cmd/helm@$HELM_VERSION" >&2
+  mv "$out/tmp/helm" "$out/helm"
+  rmdir "$out/tmp"
+  printf '%s\n' "$out/helm"
+}
+
+case "${1:-}" in
+  "") ;;
+  helm) build_helm; exit 0 ;;
+  *) die "unknown argument ${1}; expected nothing or: helm" ;;
+esac
 
 have_all() {
   local dir="$1" b
@@ -28,7 +60,6 @@ fi
 
 command -v go >/dev/null || die "the Go toolchain is needed to build the control plane (go not on PATH)"
 
-cache_root="${ENDPOINTS_OPERATOR_TESTENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/endpoints-operator/testenv}"
 out="$cache_root/kubernetes-$KUBE_VERSION-etcd-$ETCD_VERSION"
 if have_all "$out"; then
   printf '%s\n' "$out"
