@@ -54,13 +54,13 @@ impl Daemon {
         status: SocketAddr,
         extra: &str,
     ) -> Result<Daemon> {
-        Daemon::launch(cp, files, status, extra, &unique_instance(), None)
+        Daemon::launch(cp, None, files, status, extra, &unique_instance(), None)
     }
 
     /// Starts with a given `instance` name: a second daemon with the same name takes over (and
     /// prunes) what the first one wrote.
     pub fn start_as(cp: &ControlPlane, files: &[(&str, String)], instance: &str) -> Result<Daemon> {
-        Daemon::launch(cp, files, free_port()?, "", instance, None)
+        Daemon::launch(cp, None, files, free_port()?, "", instance, None)
     }
 
     /// Starts with the ClusterEndpoint object source on (`sources.crd = true`) for objects in
@@ -73,7 +73,15 @@ impl Daemon {
         instance: &str,
         extra: &str,
     ) -> Result<Daemon> {
-        Daemon::launch(cp, files, free_port()?, extra, instance, Some(namespace))
+        Daemon::launch(
+            cp,
+            None,
+            files,
+            free_port()?,
+            extra,
+            instance,
+            Some(namespace),
+        )
     }
 
     /// Starts as `instance` with `extra` appended to the config: daemons sharing an instance
@@ -84,7 +92,28 @@ impl Daemon {
         instance: &str,
         extra: &str,
     ) -> Result<Daemon> {
-        Daemon::launch(cp, files, free_port()?, extra, instance, None)
+        Daemon::launch(cp, None, files, free_port()?, extra, instance, None)
+    }
+
+    /// [`Daemon::start_with_objects`] reaching the control plane through `kubeconfig` instead of
+    /// the admin's (a ServiceAccount token, say); the cluster keeps the control plane's name.
+    pub fn start_with_kubeconfig(
+        cp: &ControlPlane,
+        kubeconfig: &Path,
+        files: &[(&str, String)],
+        namespace: &str,
+        instance: &str,
+        extra: &str,
+    ) -> Result<Daemon> {
+        Daemon::launch(
+            cp,
+            Some(kubeconfig),
+            files,
+            free_port()?,
+            extra,
+            instance,
+            Some(namespace),
+        )
     }
 
     /// SIGKILL: a daemon that dies without a word.
@@ -101,6 +130,7 @@ impl Daemon {
 
     fn launch(
         cp: &ControlPlane,
+        kubeconfig: Option<&Path>,
         files: &[(&str, String)],
         status: SocketAddr,
         extra: &str,
@@ -124,7 +154,7 @@ impl Daemon {
                 "instance = \"{instance}\"\n[status]\nlisten = \"{status}\"\n[sources]\npaths = [\"endpoints.d\"]\n{objects}\n\
                  [[clusters]]\nname = \"{}\"\nkubeconfig = \"{}\"\n{extra}",
                 cp.name(),
-                cp.kubeconfig_path().display()
+                kubeconfig.unwrap_or(cp.kubeconfig_path()).display()
             ),
         )?;
         let spawner = Spawner::new()?;
