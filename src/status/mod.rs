@@ -120,7 +120,8 @@ pub struct HostReport {
 
 pub fn report(state: &StatusState) -> StatusReport {
     let desired = state.desired.borrow().clone();
-    let health = state.board.snapshot();
+    // Owned: each host's health moves into the report instead of being copied again.
+    let mut health = state.board.snapshot();
     let definitions = desired
         .definitions
         .values()
@@ -147,7 +148,7 @@ pub fn report(state: &StatusState) -> StatusReport {
                                 port: port.name.clone(),
                                 host: *host,
                             };
-                            let health = health.get(&key).cloned();
+                            let health = health.remove(&key);
                             let ready = port.check.is_none()
                                 || health
                                     .as_ref()
