@@ -121,17 +121,13 @@ pub struct ClusterConfig {
     pub context: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProbesConfig {
-    /// Probes in flight at once, across all targets.
-    pub concurrency: usize,
-}
-
-impl Default for ProbesConfig {
-    fn default() -> Self {
-        ProbesConfig { concurrency: 1000 }
-    }
+    /// Probes in flight at once, across all targets. Default: as many as the open-files limit
+    /// allows (see [`crate::probe::probe_slots`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<usize>,
 }
 
 /// Values given on the command line; they win over everything else.
@@ -271,7 +267,7 @@ fn validate(config: &Config, file: &str) -> Result<(), ConfigError> {
             });
         }
     }
-    if config.probes.concurrency == 0 {
+    if config.probes.concurrency == Some(0) {
         return Err(ConfigError::Field {
             file: file.into(),
             field: "probes.concurrency".into(),
@@ -431,7 +427,7 @@ mod tests {
                 "127.0.0.1:2".parse().unwrap(),
                 "environment over file"
             );
-            assert_eq!(config.probes.concurrency, 7);
+            assert_eq!(config.probes.concurrency, Some(7));
             let flags = Overrides {
                 listen: Some("127.0.0.1:3".parse().unwrap()),
             };

@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, ClusterConfig, Config, LeaderElectionConfig, Overrides, SourcesConfig};
 use crate::model::{DefinitionKey, Desired, Problem, unknown_clusters};
-use crate::probe::{Engine, HealthBoard};
+use crate::probe::{self, Engine, HealthBoard};
 use crate::sink::{ClusterStatus, Writer, connect, try_ready_hosts};
 use crate::sources::files::{self, Loaded};
 use crate::sources::objects::{self, ObjectList};
@@ -48,7 +48,21 @@ pub async fn run(config_path: Option<PathBuf>, overrides: Overrides) -> anyhow::
 
     // Capacity covers a burst of transitions; a sink that lags just resyncs everything.
     let (changes, _) = broadcast::channel(4096);
-    let mut engine = Engine::new(config.probes.concurrency, changes.clone());
+    let slots = probe::probe_slots(config.probes.concurrency);
+    match slots.lowered_from {
+        Some(configured) => warn!(
+            configured,
+            slots = slots.slots,
+            open_files = slots.open_files,
+            "probes.concurrency is more than the open-files limit allows; raise LimitNOFILE"
+        ),
+        None => info!(
+            slots = slots.slots,
+            open_files = slots.open_files,
+            "probe concurrency"
+        ),
+    }
+    let mut engine = Engine::new(slots.slots, changes.clone());
     let (desired_tx, desired_rx) = watch::channel(desired.clone());
     engine.reconcile(desired.definitions.values());
 

@@ -3,10 +3,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::probe::probe;
+use crate::probe::{probe, probe_slots};
 use crate::sources::files;
 
 struct Row {
@@ -24,6 +26,8 @@ pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
     for problem in &loaded.problems {
         eprintln!("error: {problem}");
     }
+    // Every host at once, but never more sockets than the open-files limit allows.
+    let slots = Arc::new(Semaphore::new(probe_slots(None).slots));
     let mut probes = JoinSet::new();
     for def in loaded.definitions.values() {
         for port in &def.ports {
@@ -38,8 +42,9 @@ pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
                     port.timing,
                     port.target_port,
                 );
-                let check = check.clone();
+                let (check, slots) = (check.clone(), slots.clone());
                 probes.spawn(async move {
+                    let _slot = slots.acquire_owned().await;
                     let outcome = probe(&check, (host, target_port).into(), timing.timeout).await;
                     Row {
                         definition,

@@ -1,6 +1,7 @@
 //! The probe engine: one prober per protocol behind [`probe`], the threshold state machine, and
 //! the scheduler that runs every (definition, port, host) on its own period.
 
+mod budget;
 mod engine;
 mod grpc;
 mod http;
@@ -14,6 +15,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+pub use budget::probe_slots;
 pub use engine::{Engine, HealthBoard, ServiceHost, TargetHealth, TargetKey};
 pub use stats::{Buckets, StatsSnapshot};
 

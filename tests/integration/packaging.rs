@@ -111,6 +111,9 @@ fn systemd_unit() -> Result<()> {
         ("NoNewPrivileges", "yes"),
         ("CapabilityBoundingSet", ""),
         ("AmbientCapabilities", ""),
+        // Soft and hard alike: the daemon need not call setrlimit, which @resources filters.
+        ("LimitNOFILE", "65536"),
+        ("SystemCallErrorNumber", "EPERM"),
     ] {
         ensure!(
             value(key)? == wanted,

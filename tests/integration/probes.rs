@@ -33,6 +33,10 @@ pub fn cases() -> Vec<Case> {
             "probes::http_and_tls_follow_kubelet_rules_and_end_within_the_timeout",
             |_| http_and_tls(),
         ),
+        Case::tokio(
+            "probes::a_small_open_files_limit_queues_probes_instead_of_failing_them",
+            small_open_files_limit,
+        ),
     ]
 }
 
@@ -379,5 +383,71 @@ async fn descriptors_stay_flat(cp: &'static ControlPlane) -> Result<()> {
         "every target is healthy: {not_ready:?}"
     );
     drop(servers);
+    Ok(())
+}
+
+/// Under `LimitNOFILE=300`, 300 probes hanging on a silent host at once would leave no
+/// descriptor for the healthy host's probe (nor for the API client). The daemon sizes its probe
+/// slots to the limit, so probes wait for a slot instead of failing with "Too many open files".
+async fn small_open_files_limit(cp: &'static ControlPlane) -> Result<()> {
+    let net = TestNet::new()?;
+    let (silent, healthy) = (net.add_host()?, net.add_host()?);
+    silent.drop_packets()?;
+    let _server = healthy.serve_tcp(9000)?;
+    let s = Scratch::new(cp, "nofile").await?;
+    let mut files = Vec::new();
+    for d in 0..3 {
+        let ports: String = (0..100)
+            .map(|i| {
+                format!(
+                    "    - {{name: p{i}, port: {}, hosts: [{}], tcpSocket: {{enable: true}}}}\n",
+                    10_000 + i,
+                    silent.ip()
+                )
+            })
+            .collect();
+        let text = format!(
+            "metadata: {{name: silent-{d}, namespace: {}}}\nspec:\n  periodSeconds: 1\n  ports:\n{ports}",
+            s.ns
+        );
+        files.push((format!("silent-{d}.yaml"), text));
+    }
+    files.push((
+        "healthy.yaml".into(),
+        format!(
+            "metadata: {{name: healthy, namespace: {}}}\nspec:\n  periodSeconds: 1\n  ports:\n\
+             \x20   - {{port: 9000, hosts: [{}], tcpSocket: {{enable: true}}}}\n",
+            s.ns,
+            healthy.ip()
+        ),
+    ));
+    let files: Vec<(&str, String)> = files.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let daemon = Daemon::start_with_open_files(cp, &files, 300, "")?;
+    let entry = host_status_until(&daemon, &healthy, Duration::from_secs(90), |h| {
+        h["results"]["success"].as_u64().unwrap_or_default() >= 3
+            || h["results"].as_object().is_some_and(|r| r.len() > 1)
+    })
+    .await?;
+    ensure!(
+        entry["ready"] == true && entry["results"].as_object().map(|r| r.len()) == Some(1),
+        "the healthy host's probes all succeed: {entry}\n{}",
+        daemon.log_tail(20)
+    );
+    // The silent host's probes time out (not "too many open files") and it goes not ready.
+    let silent_entry = host_status_until(&daemon, &silent, Duration::from_secs(90), |h| {
+        h["ready"] == false && h["lastResult"].is_string()
+    })
+    .await?;
+    ensure!(
+        silent_entry["lastResult"] == "timeout",
+        "the silent host times out: {silent_entry}"
+    );
+    let log = daemon.log_tail(10_000);
+    ensure!(
+        !log.contains("Too many open files") && log.contains("probe concurrency"),
+        "the daemon ran out of descriptors or never said how many probes it runs:\n{}",
+        daemon.log_tail(40)
+    );
+    s.cleanup().await;
     Ok(())
 }

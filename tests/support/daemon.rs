@@ -54,13 +54,21 @@ impl Daemon {
         status: SocketAddr,
         extra: &str,
     ) -> Result<Daemon> {
-        Daemon::launch(cp, None, files, status, extra, &unique_instance(), None)
+        Daemon::launch(
+            cp,
+            files,
+            Launch {
+                status,
+                extra,
+                ..Launch::new(&unique_instance())
+            },
+        )
     }
 
     /// Starts with a given `instance` name: a second daemon with the same name takes over (and
     /// prunes) what the first one wrote.
     pub fn start_as(cp: &ControlPlane, files: &[(&str, String)], instance: &str) -> Result<Daemon> {
-        Daemon::launch(cp, None, files, free_port()?, "", instance, None)
+        Daemon::launch(cp, files, Launch::new(instance))
     }
 
     /// Starts with the ClusterEndpoint object source on (`sources.crd = true`) for objects in
@@ -73,14 +81,15 @@ impl Daemon {
         instance: &str,
         extra: &str,
     ) -> Result<Daemon> {
+        let objects_in = Some(namespace);
         Daemon::launch(
             cp,
-            None,
             files,
-            free_port()?,
-            extra,
-            instance,
-            Some(namespace),
+            Launch {
+                extra,
+                objects_in,
+                ..Launch::new(instance)
+            },
         )
     }
 
@@ -92,7 +101,14 @@ impl Daemon {
         instance: &str,
         extra: &str,
     ) -> Result<Daemon> {
-        Daemon::launch(cp, None, files, free_port()?, extra, instance, None)
+        Daemon::launch(
+            cp,
+            files,
+            Launch {
+                extra,
+                ..Launch::new(instance)
+            },
+        )
     }
 
     /// [`Daemon::start_with_objects`] reaching the control plane through `kubeconfig` instead of
@@ -105,14 +121,16 @@ impl Daemon {
         instance: &str,
         extra: &str,
     ) -> Result<Daemon> {
+        let (kubeconfig, objects_in) = (Some(kubeconfig), Some(namespace));
         Daemon::launch(
             cp,
-            Some(kubeconfig),
             files,
-            free_port()?,
-            extra,
-            instance,
-            Some(namespace),
+            Launch {
+                kubeconfig,
+                extra,
+                objects_in,
+                ..Launch::new(instance)
+            },
         )
     }
 
@@ -128,15 +146,36 @@ impl Daemon {
         unique_instance()
     }
 
-    fn launch(
+    /// Starts with `files` and an open-files limit of `open_files` (soft and hard, so the daemon
+    /// cannot raise it), as a small `LimitNOFILE` would.
+    pub fn start_with_open_files(
         cp: &ControlPlane,
-        kubeconfig: Option<&Path>,
         files: &[(&str, String)],
-        status: SocketAddr,
+        open_files: u64,
         extra: &str,
-        instance: &str,
-        objects_in: Option<&str>,
     ) -> Result<Daemon> {
+        let instance = unique_instance();
+        let open_files = Some(open_files);
+        Daemon::launch(
+            cp,
+            files,
+            Launch {
+                extra,
+                open_files,
+                ..Launch::new(&instance)
+            },
+        )
+    }
+
+    fn launch(cp: &ControlPlane, files: &[(&str, String)], launch: Launch<'_>) -> Result<Daemon> {
+        let Launch {
+            status,
+            kubeconfig,
+            extra,
+            instance,
+            objects_in,
+            open_files,
+        } = launch;
         let dir = tempfile::Builder::new().prefix("eo-daemon-").tempdir()?;
         let definitions = dir.path().join("endpoints.d");
         std::fs::create_dir(&definitions)?;
@@ -158,15 +197,24 @@ impl Daemon {
             ),
         )?;
         let spawner = Spawner::new()?;
-        let args = vec![
+        let mut args = vec![
             "run".to_string(),
             "--config".into(),
             config.display().to_string(),
         ];
+        // prlimit sets the limit and execs the daemon, so the process keeps its pid.
+        let program = match open_files {
+            Some(n) => {
+                let daemon = binary().display().to_string();
+                args.splice(0..0, [format!("--nofile={n}:{n}"), "--".into(), daemon]);
+                PathBuf::from("prlimit")
+            }
+            None => binary(),
+        };
         let component = Component::start(
             &spawner,
             "endpoints-operator",
-            &binary(),
+            &program,
             &args,
             dir.path().join("daemon.log"),
         )?;
@@ -248,6 +296,33 @@ impl Daemon {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// How a test daemon is started, beyond its definition files.
+struct Launch<'a> {
+    status: SocketAddr,
+    /// Default: the control plane's admin kubeconfig.
+    kubeconfig: Option<&'a Path>,
+    /// Appended to the generated config file.
+    extra: &'a str,
+    instance: &'a str,
+    /// With the object source on, the one namespace it reads.
+    objects_in: Option<&'a str>,
+    /// Soft and hard open-files limit; default: inherited.
+    open_files: Option<u64>,
+}
+
+impl<'a> Launch<'a> {
+    fn new(instance: &'a str) -> Self {
+        Launch {
+            status: free_port().expect("no free loopback port"),
+            kubeconfig: None,
+            extra: "",
+            instance,
+            objects_in: None,
+            open_files: None,
+        }
     }
 }
 
