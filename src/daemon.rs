@@ -401,6 +401,12 @@ fn desired_of(
     for list in objects.values() {
         desired.objects.extend(list.objects.clone());
     }
+    desired.unusable = loaded.unusable.clone();
+    // An object without a usable definition (and no last good one) keeps what it has.
+    let unusable_objects = (desired.objects.keys())
+        .filter(|id| !desired.definitions.contains_key(id))
+        .map(|id| id.key.clone());
+    desired.unusable.keys.extend(unusable_objects);
     let problems = &mut desired.problems;
     problems.extend(config_problem.cloned());
     problems.extend(loaded.problems.iter().cloned());

@@ -4,7 +4,7 @@
 //! ready), the selector-conflict rule, server-side apply (as a dry run, compared with the live
 //! object) and the same pruning of stale slices and of objects whose definition is gone.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,7 +52,7 @@ pub fn run(config_path: Option<&Path>) -> ExitCode {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     for cluster in &clusters {
-        let planned = runtime.block_on(plan(cluster, &config.instance, &loaded.definitions));
+        let planned = runtime.block_on(plan(cluster, &config.instance, &loaded));
         let url = runtime.block_on(server_url(cluster));
         let heading = format!("cluster {}{}", cluster.name, url.unwrap_or_default());
         match planned {
@@ -107,11 +107,8 @@ struct Plan {
     ready: HashSet<ServiceHost>,
 }
 
-async fn plan(
-    cluster: &ClusterConfig,
-    instance: &str,
-    definitions: &BTreeMap<DefinitionKey, Definition>,
-) -> Result<Plan> {
+async fn plan(cluster: &ClusterConfig, instance: &str, loaded: &files::Loaded) -> Result<Plan> {
+    let definitions = &loaded.definitions;
     let client = connect(cluster).await?;
     let mut plan = Plan::default();
     // Everything labelled ours, as the daemon's watches see it.
@@ -130,11 +127,12 @@ async fn plan(
     for def in &targeted {
         plan.sync(&client, instance, def).await?;
     }
-    // Orphans: objects of ours whose definition is gone or no longer targets this cluster.
+    // Orphans: objects of ours whose definition is gone or no longer targets this cluster (not
+    // those of a definition that is there but unusable: `run` leaves them as they are).
     let wanted: BTreeSet<&DefinitionKey> = targeted.iter().map(|d| &d.key).collect();
     let orphans: BTreeSet<DefinitionKey> = (plan.deletable.iter())
         .map(|d| d.definition.clone())
-        .filter(|key| !wanted.contains(key))
+        .filter(|key| !wanted.contains(key) && !loaded.unusable.holds(key))
         .collect();
     for orphan in &orphans {
         plan.delete(orphan, |_| true);

@@ -193,6 +193,30 @@ pub struct Desired {
     /// Whether every object source has listed its cluster's objects. Until then a missing
     /// object-defined definition may just not be known yet, so nothing is pruned for it.
     pub objects_complete: bool,
+    /// Services named by files or objects that cannot be used now and have no last good
+    /// version (typically right after a start): what a cluster has of them stays as it is.
+    pub unusable: Unusable,
+}
+
+/// Definitions that exist but cannot be used. Their Services are never pruned: bad input must
+/// not take away what is applied, also when no earlier version is known to fall back on.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Unusable {
+    pub keys: BTreeSet<DefinitionKey>,
+    /// A file or folder that cannot be read at all, which may name any Service.
+    pub any: bool,
+}
+
+impl Unusable {
+    pub fn merge(&mut self, other: Unusable) {
+        self.keys.extend(other.keys);
+        self.any |= other.any;
+    }
+
+    /// Whether the objects of this Service must be left in place.
+    pub fn holds(&self, key: &DefinitionKey) -> bool {
+        self.any || self.keys.contains(key)
+    }
 }
 
 impl Desired {

@@ -90,8 +90,9 @@ pub struct ClusterSink {
     first_seen: HashMap<DefinitionId, Instant>,
     /// The status last written to (or read from) each `ClusterEndpoint` in this cluster.
     pub(super) statuses: HashMap<DefinitionKey, ClusterEndpointStatus>,
-    /// Objects from `ClusterEndpoint`s without a definition, found before every object was
-    /// listed: orphans once the list is complete, unless a definition turns up.
+    /// Objects of ours without a definition that may not be pruned yet: from `ClusterEndpoint`s
+    /// before every object was listed, or of a definition that is there but unusable. Looked at
+    /// again on every full pass.
     suspects: BTreeSet<DefinitionKey>,
     /// Failing definitions: when to try again, how long the next wait will be, and whether the
     /// failure was the cluster being unreachable (as opposed to the API refusing the objects).
@@ -243,7 +244,8 @@ impl ClusterSink {
             }
             let instance = &self.writer.instance;
             let labels = Some(&notice.labels);
-            if pruneable(labels, instance, desired.objects_complete) {
+            let kept = desired.unusable.holds(&notice.definition);
+            if pruneable(labels, instance, desired.objects_complete) && !kept {
                 self.orphans.insert(notice.definition.clone());
                 dirty.insert(notice.definition);
             } else if pruneable(labels, instance, true) {
@@ -304,6 +306,17 @@ impl ClusterSink {
                         published,
                         entry,
                     }))
+                }
+                None if snapshot.unusable.holds(&key) => {
+                    // Looked at again on the next full pass, when it may have become usable.
+                    if self.orphans.remove(&key) {
+                        self.suspects.insert(key.clone());
+                    }
+                    if let Some(entry) = entry {
+                        self.applied.insert(key.clone(), entry);
+                    }
+                    outcomes.insert(key, Outcome::Nothing);
+                    continue;
                 }
                 None if entry.is_some() || self.orphans.contains(&key) => Job::Remove,
                 None => {

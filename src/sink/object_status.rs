@@ -64,7 +64,8 @@ pub fn status_of(
             condition::SYNC_ENDPOINT_READY,
             condition::READY,
         ] {
-            conditions.set(kind, false, "InvalidSpec", "the spec has nothing usable");
+            let message = "the spec has nothing usable; what it applied before is left as it is";
+            conditions.set(kind, false, "InvalidSpec", message);
         }
         return ClusterEndpointStatus {
             phase: phase::PENDING.into(),

@@ -152,7 +152,7 @@ impl ClusterSink {
                     .iter()
                     .any(|c| c.type_ == condition::SYNC_SERVICE_READY && c.status == "True")
             });
-            if inputs.standing == Standing::Waiting && applied_before {
+            if inputs.standing == Standing::Waiting && applied_before && definition.is_some() {
                 continue;
             }
             let status = status_of(

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::model::spec::Manifest;
-use crate::model::{Definition, DefinitionKey, KIND, Problem, validate};
+use crate::model::{Definition, DefinitionKey, KIND, Problem, Unusable, validate};
 
 /// Everything the files currently say, valid or not.
 #[derive(Debug, Default, Clone)]
@@ -15,6 +15,8 @@ pub struct Loaded {
     pub definitions: BTreeMap<DefinitionKey, Definition>,
     pub problems: Vec<Problem>,
     pub files: Vec<PathBuf>,
+    /// Services named by files that cannot be used and have no last good version.
+    pub unusable: Unusable,
     /// The definitions of each file as of its last version without problems.
     last_good: BTreeMap<PathBuf, Vec<Definition>>,
 }
@@ -41,11 +43,19 @@ pub fn reload(paths: &[PathBuf], previous: &Loaded) -> Loaded {
     for path in paths {
         match definition_files(path) {
             Ok(files) => loaded.files.extend(files),
-            Err(reason) => loaded.problems.push(file_problem(path, reason)),
+            Err(reason) => {
+                // A folder that cannot be read may hold any definition.
+                loaded.unusable.any = true;
+                loaded.problems.push(file_problem(path, reason));
+            }
         }
     }
     for file in loaded.files.clone() {
-        let (definitions, mut problems) = read_file(&file);
+        let FileContent {
+            definitions,
+            mut problems,
+            unusable,
+        } = read_file(&file);
         let in_force = if problems.is_empty() {
             loaded.last_good.insert(file.clone(), definitions.clone());
             definitions
@@ -56,6 +66,7 @@ pub fn reload(paths: &[PathBuf], previous: &Loaded) -> Loaded {
             loaded.last_good.insert(file.clone(), good.clone());
             good.clone()
         } else {
+            loaded.unusable.merge(unusable);
             definitions
         };
         loaded.problems.extend(problems);
@@ -66,26 +77,47 @@ pub fn reload(paths: &[PathBuf], previous: &Loaded) -> Loaded {
     loaded
 }
 
-/// The valid definitions of one file and every problem found in it.
-fn read_file(file: &Path) -> (Vec<Definition>, Vec<Problem>) {
-    let mut definitions = Vec::new();
-    let mut problems = Vec::new();
+/// What one file says: its valid definitions, every problem, and the Services it names
+/// without a usable definition.
+struct FileContent {
+    definitions: Vec<Definition>,
+    problems: Vec<Problem>,
+    unusable: Unusable,
+}
+
+fn read_file(file: &Path) -> FileContent {
+    let mut content = FileContent {
+        definitions: Vec::new(),
+        problems: Vec::new(),
+        unusable: Unusable::default(),
+    };
     for document in parse_file(file) {
-        match document.manifest {
+        let definition = match document.manifest {
             Ok(manifest) => {
                 let (definition, found) = validate(&manifest, &document.origin);
-                problems.extend(found);
-                definitions.extend(definition);
+                content.problems.extend(found);
+                definition
             }
-            Err(reason) => problems.push(Problem {
-                origin: document.origin,
-                field: String::new(),
-                value: String::new(),
-                reason,
-            }),
+            Err(reason) => {
+                content.problems.push(Problem {
+                    origin: document.origin,
+                    field: String::new(),
+                    value: String::new(),
+                    reason,
+                });
+                None
+            }
+        };
+        match (definition, document.names) {
+            (Some(definition), _) => content.definitions.push(definition),
+            (None, Names::Service(key)) => {
+                content.unusable.keys.insert(key);
+            }
+            (None, Names::Unknown) => content.unusable.any = true,
+            (None, Names::NotOurs) => {}
         }
     }
-    (definitions, problems)
+    content
 }
 
 fn admit(loaded: &mut Loaded, definition: Definition) {
@@ -149,6 +181,52 @@ fn is_definition_file(path: &Path) -> bool {
 pub struct Document {
     pub origin: String,
     pub manifest: Result<Manifest, String>,
+    /// Which Service a document without a usable manifest is about, as far as can be told.
+    pub names: Names,
+}
+
+/// The Service a document names, read leniently so that a broken manifest still says it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Names {
+    Service(DefinitionKey),
+    /// Not a `ClusterEndpoint` (another kind, or an empty document).
+    NotOurs,
+    /// Too broken to tell: it may be any Service.
+    Unknown,
+}
+
+/// Only the fields that say what a document is and which Service it names.
+#[derive(Deserialize)]
+struct Head {
+    kind: Option<String>,
+    metadata: Option<HeadMetadata>,
+}
+
+#[derive(Deserialize)]
+struct HeadMetadata {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+impl Names {
+    fn of(head: Option<Head>) -> Names {
+        let Some(head) = head else {
+            return Names::Unknown;
+        };
+        if head.kind.as_deref().is_some_and(|k| k != KIND) {
+            return Names::NotOurs;
+        }
+        match head.metadata {
+            Some(HeadMetadata {
+                name: Some(name),
+                namespace,
+            }) => Names::Service(DefinitionKey {
+                namespace: namespace.unwrap_or_else(|| "default".into()),
+                name,
+            }),
+            _ => Names::Unknown,
+        }
+    }
 }
 
 /// Parses one file into documents. Each document stands alone: a broken one is reported and
@@ -161,6 +239,7 @@ pub fn parse_file(path: &Path) -> Vec<Document> {
             return vec![Document {
                 origin: name,
                 manifest: Err(format!("cannot read: {e}")),
+                names: Names::Unknown,
             }];
         }
     };
@@ -169,13 +248,6 @@ pub fn parse_file(path: &Path) -> Vec<Document> {
     } else {
         parse_yaml(&name, &text)
     }
-}
-
-/// Only the fields that say what a document is; everything else is ignored at this stage.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Head {
-    kind: Option<String>,
 }
 
 pub fn parse_yaml(file: &str, text: &str) -> Vec<Document> {
@@ -189,15 +261,27 @@ pub fn parse_yaml(file: &str, text: &str) -> Vec<Document> {
             file.to_string()
         };
         // Empty documents (a trailing `---`, a comment-only file) are allowed and ignored.
-        let manifest = match serde_saphyr::from_str::<Option<Head>>(&doc) {
+        let head = match serde_saphyr::from_str::<Option<Head>>(&doc) {
             Ok(None) => continue,
-            Ok(Some(Head { kind: Some(kind) })) if kind != KIND => Err(format!(
-                "kind {kind:?} is not {}; only ClusterEndpoint documents belong here",
-                KIND
-            )),
-            _ => serde_saphyr::from_str::<Manifest>(&doc).map_err(|e| yaml_error(&e)),
+            Ok(Some(head)) => Some(head),
+            Err(_) => None,
         };
-        out.push(Document { origin, manifest });
+        let foreign = head
+            .as_ref()
+            .and_then(|h| h.kind.clone())
+            .filter(|k| k != KIND);
+        let names = Names::of(head);
+        let manifest = match foreign {
+            Some(kind) => Err(format!(
+                "kind {kind:?} is not {KIND}; only ClusterEndpoint documents belong here"
+            )),
+            None => serde_saphyr::from_str::<Manifest>(&doc).map_err(|e| yaml_error(&e)),
+        };
+        out.push(Document {
+            origin,
+            manifest,
+            names,
+        });
     }
     out
 }
@@ -246,6 +330,7 @@ pub fn parse_toml(file: &str, text: &str) -> Vec<Document> {
             return vec![Document {
                 origin: file.to_string(),
                 manifest: Err(e.to_string().trim().to_string()),
+                names: Names::Unknown,
             }];
         }
     };
@@ -260,6 +345,7 @@ pub fn parse_toml(file: &str, text: &str) -> Vec<Document> {
             } else {
                 file.to_string()
             },
+            names: Names::of(Head::deserialize(value.clone()).ok()),
             manifest: Manifest::deserialize(value).map_err(|e| e.to_string()),
         })
         .collect()
@@ -361,6 +447,47 @@ spec:
     fn empty_and_comment_only_documents_are_ignored() {
         assert!(parse_yaml("f.yaml", "").is_empty());
         assert!(parse_yaml("f.yaml", "# nothing\n---\n---\n").is_empty());
+    }
+
+    #[test]
+    fn files_with_unusable_definitions_name_the_services_they_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        write("syntax.yaml", "metadata: {name: a\nspec: [");
+        write(
+            "invalid.yaml",
+            "kind: ClusterEndpoint\nmetadata: {name: b, namespace: db}\nspec: {clusterIP: bogus}\n",
+        );
+        write("other-kind.yaml", "kind: ConfigMap\nmetadata: {name: c}\n");
+        let loaded = load(&[dir.path().to_path_buf()]);
+        assert!(
+            loaded.unusable.any,
+            "a file that does not parse may name any Service"
+        );
+        let b = DefinitionKey {
+            namespace: "db".into(),
+            name: "b".into(),
+        };
+        assert_eq!(loaded.unusable.keys.iter().collect::<Vec<_>>(), [&b]);
+
+        std::fs::remove_file(dir.path().join("syntax.yaml")).unwrap();
+        let loaded = load(&[dir.path().to_path_buf()]);
+        assert!(!loaded.unusable.any, "another kind is not ours: {loaded:?}");
+        assert!(loaded.unusable.holds(&b));
+
+        // Once a version is in force, a broken edit keeps it: nothing is unusable.
+        write(
+            "invalid.yaml",
+            "metadata: {name: b, namespace: db}\nspec: {ports: [{port: 80}]}\n",
+        );
+        let good = load(&[dir.path().to_path_buf()]);
+        write(
+            "invalid.yaml",
+            "metadata: {name: b, namespace: db}\nspec: {clusterIP: bogus}\n",
+        );
+        let kept = reload(&[dir.path().to_path_buf()], &good);
+        assert!(kept.definitions.contains_key(&b));
+        assert_eq!(kept.unusable, Unusable::default());
     }
 
     #[test]

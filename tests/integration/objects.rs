@@ -59,6 +59,10 @@ pub fn cases() -> Vec<Case> {
             "objects::an_object_fans_out_to_another_cluster_and_is_pruned_there",
             fan_out,
         ),
+        Case::tokio(
+            "objects::an_object_made_unusable_while_stopped_keeps_its_objects",
+            unusable_while_stopped,
+        ),
     ]
 }
 
@@ -102,9 +106,15 @@ async fn status_until(
     let found = watch::until(api.clone(), "", WAIT, |objects| {
         objects.get(name).is_some_and(|o| done(&o.data["status"]))
     })
-    .await
-    .with_context(|| format!("waiting for the status of {name}"))?;
-    found.get(name).cloned().context("object")
+    .await;
+    if found.is_err() {
+        let now = api.get_opt(name).await?.map(|o| o.data["status"].clone());
+        let now = now.unwrap_or_default();
+        return found
+            .map(|_| unreachable!())
+            .with_context(|| format!("waiting for the status of {name}, which is now {now:#}"));
+    }
+    found?.get(name).cloned().context("object")
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
@@ -858,5 +868,55 @@ async fn fan_out(a: &'static ControlPlane) -> Result<()> {
     drop(daemon);
     s.cleanup().await;
     tokio::task::spawn_blocking(move || b.shutdown()).await?;
+    Ok(())
+}
+
+/// An edit that leaves nothing usable, made while the daemon is down (so no earlier version is
+/// known to it): the Service and its slices stay as they are, and the status says why.
+async fn unusable_while_stopped(cp: &'static ControlPlane) -> Result<()> {
+    let client = cp.client();
+    install(&client).await?;
+    let net = TestNet::new()?;
+    let h1 = net.add_host()?;
+    let _server = h1.serve_tcp(8080)?;
+    let s = Scratch::new(cp, "objects-unusable").await?;
+    let instance = Daemon::new_instance();
+    let daemon = Daemon::start_with_objects(cp, &[], &s.ns, &instance, "")?;
+    let api = endpoints(&client, &s.ns);
+    api.create(
+        &PostParams::default(),
+        &web_object("db", &s.ns, &[&h1], json!({}))?,
+    )
+    .await?;
+    status_until(&api, "db", |s| s["phase"] == "Healthy").await?;
+    let before = s.api::<Service>().get("db").await?.metadata.uid;
+    ensure!(daemon.stop()? == Some(0));
+
+    // A clusterIP that is no address leaves nothing to apply.
+    let unusable = json!({"spec": {"clusterIP": "bogus"}});
+    api.patch("db", &PatchParams::default(), &Patch::Merge(&unusable))
+        .await?;
+    let daemon = Daemon::start_with_objects(cp, &[], &s.ns, &instance, "")?;
+    status_until(&api, "db", |s| {
+        condition(s, "Initialized")["reason"] == "InvalidSpec"
+    })
+    .await
+    .with_context(|| daemon.log_tail(10))?;
+    watch::never(
+        s.api::<EndpointSlice>(),
+        "kubernetes.io/service-name=db",
+        Duration::from_secs(5),
+        |slices| ready_hosts(slices) != [h1.ip().to_string()],
+    )
+    .await
+    .with_context(|| format!("the slices changed\n{}", daemon.log_tail(10)))?;
+    let after = s.api::<Service>().get_opt("db").await?;
+    ensure!(
+        after.and_then(|svc| svc.metadata.uid) == before,
+        "the Service was deleted or replaced\n{}",
+        daemon.log_tail(10)
+    );
+    drop(daemon);
+    s.cleanup().await;
     Ok(())
 }

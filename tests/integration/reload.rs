@@ -22,6 +22,10 @@ pub fn cases() -> Vec<Case> {
             pruned_on_start,
         ),
         Case::tokio(
+            "reload::definitions_broken_while_stopped_keep_their_objects_on_start",
+            broken_while_stopped,
+        ),
+        Case::tokio(
             "reload::file_edits_new_broken_and_deleted_files_take_effect_within_two_seconds",
             file_changes,
         ),
@@ -236,6 +240,82 @@ async fn pruned_on_start(cp: &'static ControlPlane) -> Result<()> {
         s.api::<Service>().get_opt("foreign").await?.is_some(),
         "another instance's Service is kept"
     );
+    drop(daemon);
+    s.cleanup().await;
+    Ok(())
+}
+
+/// Bad input never takes away what is applied, also across a restart, when no earlier version
+/// of the file is known: a definition that is there but unusable keeps its objects, and while a
+/// file cannot be parsed at all (it may define anything) nothing is pruned.
+async fn broken_while_stopped(cp: &'static ControlPlane) -> Result<()> {
+    let net = TestNet::new()?;
+    let h1 = net.add_host()?;
+    let _server = h1.serve_tcp(8080)?;
+    let s = Scratch::new(cp, "broken").await?;
+    let instance = Daemon::new_instance();
+    let names = ["one", "two", "three"];
+    let files: Vec<(String, String)> = (names.iter())
+        .map(|n| (format!("{n}.yaml"), definition(n, &s.ns, &[&h1])))
+        .collect();
+    let files: Vec<(&str, String)> = files.iter().map(|(f, t)| (f.as_str(), t.clone())).collect();
+    let daemon = Daemon::start_as(cp, &files, &instance)?;
+    watch::until(
+        s.api::<EndpointSlice>(),
+        "",
+        Duration::from_secs(30),
+        |sl| {
+            sl.len() == 3
+                && sl
+                    .values()
+                    .all(|sl| sl.endpoints.as_ref().is_some_and(|e| !e.is_empty()))
+        },
+    )
+    .await?;
+    ensure!(daemon.stop()? == Some(0));
+
+    // While stopped: one.yaml no longer parses, two.yaml is wholly invalid, three.yaml is gone.
+    let broken = format!("metadata: {{name: one, namespace: {}\nspec: [", s.ns);
+    let invalid =
+        definition("two", &s.ns, &[&h1]).replace("spec:\n", "spec:\n  clusterIP: bogus\n");
+    let daemon = Daemon::start_as(
+        cp,
+        &[("one.yaml", broken), ("two.yaml", invalid)],
+        &instance,
+    )?;
+    let problems = daemon.status().await?["problems"]
+        .as_array()
+        .map_or(0, Vec::len);
+    ensure!(
+        problems >= 2,
+        "both files are reported\n{}",
+        daemon.log_tail(10)
+    );
+    watch::never(s.api::<Service>(), OURS, Duration::from_secs(5), |svcs| {
+        names.iter().any(|n| !svcs.contains_key(*n))
+    })
+    .await
+    .with_context(|| format!("a Service was pruned\n{}", daemon.log_tail(10)))?;
+
+    // Once one.yaml parses again, the Service of the deleted file goes; two's stays.
+    std::fs::write(
+        daemon.definitions_dir().join("one.yaml"),
+        definition("one", &s.ns, &[&h1]),
+    )?;
+    watch::until(s.api::<Service>(), OURS, Duration::from_secs(15), |svcs| {
+        !svcs.contains_key("three")
+    })
+    .await
+    .context("the deleted file's Service is pruned once every file parses")?;
+    let left: Vec<String> = s
+        .api::<Service>()
+        .list(&Default::default())
+        .await?
+        .items
+        .iter()
+        .map(|svc| svc.metadata.name.clone().unwrap_or_default())
+        .collect();
+    ensure!(left == ["one", "two"], "Services left: {left:?}");
     drop(daemon);
     s.cleanup().await;
     Ok(())
