@@ -20,7 +20,7 @@ use tracing::{debug, info, instrument};
 use super::cluster::{Applied, ClusterStatus, SyncError};
 use crate::model::{Definition, DefinitionKey};
 use crate::render::{
-    FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Objects, SERVICE_NAME_LABEL,
+    FIELD_MANAGER, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Objects, SERVICE_NAME_LABEL,
     SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable,
 };
 
@@ -55,9 +55,26 @@ impl Writer {
             .as_ref()
             .and_then(|s| s.cluster_ip.clone());
         let cached_ip = entry.as_ref().map(|a| a.cluster_ip.clone());
+        // Someone else changed the Service (its cache entry was dropped): look at it again, it
+        // may have been given a selector.
+        let service_changed = entry.as_ref().is_some_and(|a| {
+            !(a.objects).contains_key(&(
+                <Service as k8s_openapi::Resource>::KIND,
+                def.key.name.clone(),
+            ))
+        });
         let mut synced = Synced::default();
-        if first || cached_ip != Some(rendered_ip.clone()) {
-            synced = self.prepare_service(def, &objects).await?;
+        if first || service_changed || cached_ip != Some(rendered_ip.clone()) {
+            synced = match self.prepare_service(def, &objects).await {
+                Err(refused @ SyncError::SelectorConflict(_)) if !first => {
+                    // The endpoints controller owns its endpoints now; slices of ours would add
+                    // the external hosts to them.
+                    self.prune_slices(&def.key, &BTreeSet::new(), true).await?;
+                    *entry = None;
+                    return Err(refused);
+                }
+                other => other?,
+            };
         }
         let applied = entry.get_or_insert_with(Applied::default);
         if synced.recreated {
@@ -123,11 +140,15 @@ impl Writer {
                 adopted: false,
             });
         }
-        let ours = (live.metadata.labels.as_ref())
-            .and_then(|l| l.get(MANAGED_BY_LABEL))
-            .is_some_and(|v| v == MANAGED_BY_VALUE);
-        if ours {
-            return Ok(Synced::default());
+        let label = |key: &str| (live.metadata.labels.as_ref()).and_then(|l| l.get(key));
+        if label(MANAGED_BY_LABEL).is_some_and(|v| v == MANAGED_BY_VALUE) {
+            return match label(INSTANCE_LABEL) {
+                // Two daemons with different instances would overwrite each other forever.
+                Some(other) if *other != self.instance => {
+                    Err(SyncError::OtherInstance(def.key.to_string(), other.clone()))
+                }
+                _ => Ok(Synced::default()),
+            };
         }
         // Apply never removes fields that another manager owns, such as the ports of a hand-made
         // Service: replace them outright, then drop every ownership record so the applies that

@@ -72,6 +72,10 @@ pub(super) enum SyncError {
         "Service {0} has a selector; it belongs to the endpoints controller and is left untouched"
     )]
     SelectorConflict(String),
+    #[error(
+        "Service {0} is managed by endpoints-operator instance {1:?}; left untouched (give both daemons the same instance, or relabel it)"
+    )]
+    OtherInstance(String, String),
     #[error(transparent)]
     Kube(#[from] kube::Error),
     #[error("rendering: {0}")]
@@ -388,9 +392,13 @@ impl ClusterSink {
                     };
                     outcomes.insert(key.clone(), applied);
                 }
-                Err(SyncError::SelectorConflict(svc)) => {
-                    let reason = SyncError::SelectorConflict(svc).to_string();
-                    warn!(cluster = %self.name, definition = %key, "{reason}");
+                Err(refusal @ (SyncError::SelectorConflict(_) | SyncError::OtherInstance(..))) => {
+                    let reason = refusal.to_string();
+                    let mut known = false;
+                    self.update_status(|s| known = s.conflicts.get(&name) == Some(&reason));
+                    if !known {
+                        warn!(cluster = %self.name, definition = %key, "{reason}");
+                    }
                     self.update_status(|s| {
                         s.connected = Some(true);
                         s.conflicts.insert(name, reason.clone());

@@ -50,6 +50,10 @@ pub fn cases() -> Vec<Case> {
         drift_is_repaired,
     ));
     cases.push(Case::tokio(
+        "daemon::a_service_of_another_instance_is_left_alone_and_reported",
+        other_instance,
+    ));
+    cases.push(Case::tokio(
         "daemon::a_restart_keeps_objects_and_never_flaps_ready_hosts",
         restart_without_flap,
     ));
@@ -842,6 +846,61 @@ async fn restart_without_flap(cp: &'static ControlPlane) -> Result<()> {
         "the new daemon probed during the window ({probes} probes)"
     );
     drop(daemon);
+    s.cleanup().await;
+    Ok(())
+}
+
+/// Two daemons with different `instance` names define the same Service: the one that made it
+/// keeps it; the other writes nothing to it (no endless overwriting) and reports why.
+async fn other_instance(cp: &'static ControlPlane) -> Result<()> {
+    let net = TestNet::new()?;
+    let (h1, h2) = (net.add_host()?, net.add_host()?);
+    let _servers = [h1.serve_tcp(8080)?, h2.serve_tcp(8080)?];
+    let s = Scratch::new(cp, "instances").await?;
+    let first = Daemon::start(cp, &[("web.yaml", web_definition(&s.ns, &[&h1]))])?;
+    let only_h1 = expect(&[("web-80-tcp-ipv4", &h1, true)]);
+    slices_become(&s, "web", &only_h1, Duration::from_secs(30)).await?;
+    let version = s
+        .api::<Service>()
+        .get("web")
+        .await?
+        .metadata
+        .resource_version;
+
+    let second = Daemon::start(cp, &[("web.yaml", web_definition(&s.ns, &[&h2]))])?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let conflicts = loop {
+        let conflicts = second.status().await?["clusters"][0]["conflicts"].clone();
+        if conflicts.as_object().is_some_and(|c| !c.is_empty()) {
+            break conflicts;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the second daemon reports no conflict\n{}",
+            second.log_tail(10)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    ensure!(
+        conflicts.to_string().contains("instance"),
+        "the conflict names the other instance: {conflicts}"
+    );
+    watch::never(
+        s.api::<EndpointSlice>(),
+        "kubernetes.io/service-name=web",
+        Duration::from_secs(4),
+        |slices| readiness(slices) != only_h1,
+    )
+    .await
+    .with_context(|| format!("the slices changed\n{}", second.log_tail(10)))?;
+    let now = s
+        .api::<Service>()
+        .get("web")
+        .await?
+        .metadata
+        .resource_version;
+    ensure!(now == version, "the Service was written again");
+    drop((first, second));
     s.cleanup().await;
     Ok(())
 }

@@ -63,6 +63,10 @@ pub fn cases() -> Vec<Case> {
             "objects::an_object_made_unusable_while_stopped_keeps_its_objects",
             unusable_while_stopped,
         ),
+        Case::tokio(
+            "objects::a_selector_given_later_to_a_managed_service_is_refused_and_its_slices_go",
+            selector_given_later,
+        ),
     ]
 }
 
@@ -914,6 +918,89 @@ async fn unusable_while_stopped(cp: &'static ControlPlane) -> Result<()> {
     ensure!(
         after.and_then(|svc| svc.metadata.uid) == before,
         "the Service was deleted or replaced\n{}",
+        daemon.log_tail(10)
+    );
+    drop(daemon);
+    s.cleanup().await;
+    Ok(())
+}
+
+/// Someone gives a Service the daemon manages a selector: the endpoints controller owns its
+/// endpoints from then on. The daemon stops writing (no fight over the Endpoints), removes its
+/// slices, and reports the refusal.
+async fn selector_given_later(cp: &'static ControlPlane) -> Result<()> {
+    let client = cp.client();
+    install(&client).await?;
+    let net = TestNet::new()?;
+    let h1 = net.add_host()?;
+    let _server = h1.serve_tcp(8080)?;
+    let s = Scratch::new(cp, "objects-selector-later").await?;
+    let daemon = Daemon::start_with_objects(cp, &[], &s.ns, &Daemon::new_instance(), "")?;
+    let api = endpoints(&client, &s.ns);
+    api.create(
+        &PostParams::default(),
+        &web_object("web", &s.ns, &[&h1], json!({}))?,
+    )
+    .await?;
+    status_until(&api, "web", |s| s["phase"] == "Healthy").await?;
+
+    let selector = json!({"spec": {"selector": {"app": "web"}}});
+    s.api::<Service>()
+        .patch("web", &PatchParams::default(), &Patch::Merge(&selector))
+        .await?;
+    status_until(&api, "web", |s| {
+        condition(s, "SyncServiceReady")["reason"] == "Refused"
+    })
+    .await
+    .with_context(|| daemon.log_tail(10))?;
+    watch::until(
+        s.api::<EndpointSlice>(),
+        "endpointslice.kubernetes.io/managed-by=endpoints-operator.sealos.io",
+        WAIT,
+        |slices| slices.is_empty(),
+    )
+    .await
+    .context("the daemon's slices of the Service go")?;
+    let conflicts = daemon.status().await?["clusters"][0]["conflicts"].clone();
+    ensure!(
+        conflicts.as_object().is_some_and(|c| !c.is_empty()),
+        "the status API lists the conflict: {conflicts}"
+    );
+
+    // What the endpoints controller does: the daemon leaves it alone.
+    let writes = |status: Value| status["clusters"][0]["writes"].as_u64().unwrap_or_default();
+    let before = writes(daemon.status().await?);
+    let eps: Api<Endpoints> = s.api();
+    for round in 0..3 {
+        let subsets =
+            json!({"metadata": {"annotations": {"round": round.to_string()}}, "subsets": []});
+        eps.patch("web", &PatchParams::default(), &Patch::Merge(&subsets))
+            .await?;
+        watch::until(eps.clone(), "", WAIT, |e| {
+            e.get("web").is_some_and(|e| {
+                e.metadata.annotations.as_ref().and_then(|a| a.get("round"))
+                    == Some(&round.to_string())
+            })
+        })
+        .await?;
+    }
+    // The notices of those edits reach the daemon within a pass; then nothing more is written.
+    watch::never(s.api::<Endpoints>(), "", Duration::from_secs(3), |e| {
+        e.get("web")
+            .is_some_and(|e| e.subsets.as_ref().is_some_and(|s| !s.is_empty()))
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "the daemon wrote the Endpoints back\n{}",
+            daemon.log_tail(10)
+        )
+    })?;
+    let after = writes(daemon.status().await?);
+    ensure!(
+        after == before,
+        "{} writes after the selector, expected none\n{}",
+        after - before,
         daemon.log_tail(10)
     );
     drop(daemon);
