@@ -106,7 +106,10 @@ fn systemd_unit() -> Result<()> {
     };
     for (key, wanted) in [
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
-        ("DynamicUser", "yes"),
+        // A static user that reads /etc/endpoints-operator through its group (see below).
+        ("User", "endpoints-operator"),
+        ("Group", "endpoints-operator"),
+        ("RemoveIPC", "yes"),
         ("ProtectSystem", "strict"),
         ("NoNewPrivileges", "yes"),
         ("CapabilityBoundingSet", ""),
@@ -120,6 +123,41 @@ fn systemd_unit() -> Result<()> {
             "{key}={} (want {wanted:?})",
             value(key)?
         );
+    }
+    // A dynamic user could not read root's files, and systemd does not chown a
+    // ConfigurationDirectory: neither may come back.
+    for key in [
+        "DynamicUser",
+        "ConfigurationDirectory",
+        "ConfigurationDirectoryMode",
+    ] {
+        ensure!(value(key).is_err(), "the unit sets {key}=");
+    }
+    // The install steps make that user and give the folder and every file in it (kubeconfigs
+    // hold credentials) to root and its group, readable by the group and no one else.
+    let steps: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   "))
+        .collect();
+    let step = |start: &str| {
+        steps
+            .iter()
+            .find(|s| s.starts_with(start))
+            .with_context(|| format!("no install step `{start}…` at the top of the unit"))
+    };
+    ensure!(
+        step("useradd --system")?.contains("--shell /usr/sbin/nologin endpoints-operator"),
+        "{steps:#?}"
+    );
+    ensure!(
+        step("install -d ")?.starts_with(
+            "install -d -o root -g endpoints-operator -m 0750 /etc/endpoints-operator "
+        ),
+        "{steps:#?}"
+    );
+    for file in ["config.toml", "east.kubeconfig", "postgres.yaml"] {
+        let prefix = format!("install -o root -g endpoints-operator -m 0640 {file} ");
+        step(&prefix)?;
     }
     let mut families: Vec<&str> = value("RestrictAddressFamilies")?.split(' ').collect();
     families.sort_unstable();
