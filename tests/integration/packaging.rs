@@ -44,6 +44,10 @@ pub fn cases() -> Vec<Case> {
             |_| systemd_unit(),
         ),
         Case::tokio(
+            "packaging::the_deployments_config_mount_follows_configmap_edits",
+            |_| config_mount_follows_edits(),
+        ),
+        Case::tokio(
             "packaging::deploy_manifests_apply_and_grant_exactly_what_the_daemon_uses",
             deploy_manifests,
         ),
@@ -223,6 +227,102 @@ fn systemd_unit() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A kubelet-style ConfigMap folder, as the Deployment mounts it: each version of the files in a
+/// hidden folder, `..data` a symlink to the current one, and each file a symlink through `..data`.
+/// An edit arrives as a new version folder and an atomic rename of `..data`; the file itself
+/// never changes. The daemon must follow that like an edit.
+async fn config_mount_follows_edits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    // A cluster that never answers: the test is about what the daemon reads, not what it writes.
+    let kubeconfig = root.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"https://127.0.0.1:1\"}}]\n\
+         users: [{name: u, user: {token: x}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\n\
+         current-context: c\n",
+    )?;
+    for name in ["first", "second"] {
+        std::fs::create_dir(root.join(name))?;
+        std::fs::write(
+            root.join(name).join("d.yaml"),
+            format!(
+                "apiVersion: sealos.io/v1beta1\nkind: ClusterEndpoint\nmetadata: {{name: {name}, namespace: default}}\n\
+                 spec:\n  ports:\n    - {{port: 80, hosts: [\"10.240.255.1\"]}}\n"
+            ),
+        )?;
+    }
+    let listen = crate::support::daemon::free_port()?;
+    let config = |definitions: &str| {
+        format!(
+            "[status]\nlisten = \"{listen}\"\n[sources]\npaths = [\"{}\"]\n[[clusters]]\nname = \"c\"\nkubeconfig = \"{}\"\n",
+            root.join(definitions).display(),
+            kubeconfig.display()
+        )
+    };
+    let mounted = root.join("etc");
+    std::fs::create_dir_all(mounted.join("..v1"))?;
+    std::fs::write(mounted.join("..v1/config.toml"), config("first"))?;
+    std::os::unix::fs::symlink("..v1", mounted.join("..data"))?;
+    std::os::unix::fs::symlink("..data/config.toml", mounted.join("config.toml"))?;
+
+    let log = std::fs::File::create(root.join("daemon.log"))?;
+    let child = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(mounted.join("config.toml"))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    crate::support::control_plane::install_crypto_provider();
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let definitions = || async {
+        let status = client
+            .get(format!("http://{listen}/api/v1/status"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let status: Value = serde_json::from_str(&status)?;
+        let names: Vec<String> = status["definitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| Some(d["name"].as_str()?.to_string()))
+            .collect();
+        anyhow::Ok(names)
+    };
+    let until = |wanted: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = definitions().await.unwrap_or_default();
+            if now == [wanted] {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(root.join("daemon.log")).unwrap_or_default();
+                bail!("definitions {now:?}, want [{wanted}]\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    until("first").await?;
+    // What the kubelet's atomic writer does on an edit.
+    std::fs::create_dir(mounted.join("..v2"))?;
+    std::fs::write(mounted.join("..v2/config.toml"), config("second"))?;
+    std::os::unix::fs::symlink("..v2", mounted.join("..data_tmp"))?;
+    std::fs::rename(mounted.join("..data_tmp"), mounted.join("..data"))?;
+    std::fs::remove_dir_all(mounted.join("..v1"))?;
+    until("second").await
 }
 
 /// Server-side applies deploy/endpoints-operator.yaml once per test run: the tests that need it
