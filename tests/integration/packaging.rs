@@ -43,6 +43,10 @@ pub fn cases() -> Vec<Case> {
             "packaging::the_systemd_unit_passes_verify_reloads_on_hup_and_is_sandboxed",
             |_| systemd_unit(),
         ),
+        Case::blocking(
+            "packaging::the_dockerfile_builds_what_the_deployment_runs",
+            |_| dockerfile(),
+        ),
         Case::tokio(
             "packaging::the_deployments_config_mount_follows_configmap_edits",
             |_| config_mount_follows_edits(),
@@ -226,6 +230,162 @@ fn systemd_unit() -> Result<()> {
             "systemd-analyze security does not pass {check}:\n{stdout}"
         );
     }
+    Ok(())
+}
+
+/// The Deployment of deploy/endpoints-operator.yaml (the chart renders the same).
+fn deployment() -> Result<(Vec<Value>, Value)> {
+    let text = std::fs::read_to_string(format!("{ROOT}/deploy/endpoints-operator.yaml"))?;
+    let docs = documents(&text)?;
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .cloned()
+        .context("deploy/ has no Deployment")?;
+    Ok((docs, deployment))
+}
+
+/// The Dockerfile cannot be built here (no container engine), so what ties it to the manifests is
+/// checked instead: the binary it builds is its entrypoint, its user is the Deployment's
+/// runAsUser, its default command is the Deployment's args, whose config file is where the
+/// ConfigMap is mounted, and the manifests run the version Cargo.toml has.
+fn dockerfile() -> Result<()> {
+    let text = std::fs::read_to_string(format!("{ROOT}/Dockerfile"))?;
+    // Instructions with their continuation lines joined, comments dropped.
+    let mut instructions: Vec<String> = Vec::new();
+    let mut continued = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let part = line.trim_end_matches('\\').trim();
+        match (continued, instructions.last_mut()) {
+            (true, Some(last)) => {
+                last.push(' ');
+                last.push_str(part);
+            }
+            _ => instructions.push(part.to_string()),
+        }
+        continued = line.ends_with('\\');
+    }
+    let stages: Vec<usize> = (0..instructions.len())
+        .filter(|&i| instructions[i].starts_with("FROM "))
+        .collect();
+    ensure!(
+        stages.len() == 2,
+        "want a build and a runtime stage: {instructions:#?}"
+    );
+    let (build, runtime) = instructions[1..].split_at(stages[1] - 1);
+    let from = &instructions[0];
+    let version = from
+        .strip_prefix("FROM rust:")
+        .and_then(|f| f.strip_suffix("-bookworm AS build"))
+        .with_context(|| format!("the build stage is not the official Rust image: {from}"))?;
+    let minor =
+        |v: &str| -> Result<u32> { Ok(v.split('.').nth(1).context("no minor version")?.parse()?) };
+    ensure!(
+        minor(version)? >= minor(env!("CARGO_PKG_RUST_VERSION"))?,
+        "rust:{version} is older than rust-version"
+    );
+    let run = build
+        .iter()
+        .find(|i| i.starts_with("RUN "))
+        .context("no RUN in the build stage")?;
+    ensure!(
+        run.contains("cargo build --release --locked --bin endpoints-operator")
+            && run.contains("target/release/endpoints-operator /out/endpoints-operator"),
+        "{run}"
+    );
+    let one = |name: &str| {
+        let found: Vec<&str> = runtime
+            .iter()
+            .filter_map(|i| i.strip_prefix(name)?.strip_prefix(' '))
+            .collect();
+        ensure!(
+            found.len() == 1,
+            "the runtime stage has {} {name}",
+            found.len()
+        );
+        Ok(found[0])
+    };
+    let binary = one("COPY")?
+        .strip_prefix("--from=build /out/endpoints-operator ")
+        .context("the runtime stage copies something else")?;
+    let entrypoint: Vec<String> = serde_json::from_str(one("ENTRYPOINT")?)?;
+    ensure!(
+        entrypoint == [binary],
+        "ENTRYPOINT {entrypoint:?}, binary {binary}"
+    );
+    let cmd: Vec<String> = serde_json::from_str(one("CMD")?)?;
+
+    let (docs, deployment) = deployment()?;
+    let pod = &deployment["spec"]["template"]["spec"];
+    let uid = pod["securityContext"]["runAsUser"]
+        .as_u64()
+        .context("runAsUser")?;
+    ensure!(pod["securityContext"]["runAsNonRoot"] == true, "{pod:#}");
+    ensure!(
+        one("USER")? == format!("{uid}:{uid}"),
+        "USER {} but runAsUser {uid}",
+        one("USER")?
+    );
+    let container = &pod["containers"][0];
+    ensure!(
+        container["image"] == format!("endpoints-operator:{}", env!("CARGO_PKG_VERSION")),
+        "image {} (Cargo.toml: {})",
+        container["image"],
+        env!("CARGO_PKG_VERSION")
+    );
+    let args: Vec<String> = serde_json::from_value(container["args"].clone())?;
+    ensure!(
+        args == cmd,
+        "the Deployment runs {args:?}, the image {cmd:?}"
+    );
+    let chart = std::fs::read_to_string(format!("{ROOT}/{CHART}/Chart.yaml"))?;
+    let chart: Value = serde_saphyr::from_str(&chart)?;
+    ensure!(
+        chart["appVersion"] == env!("CARGO_PKG_VERSION"),
+        "appVersion {}",
+        chart["appVersion"]
+    );
+
+    // The config file: a key of the ConfigMap mounted as the whole folder (see below).
+    let config = Path::new(
+        &cmd[cmd
+            .iter()
+            .position(|a| a == "--config")
+            .context("--config")?
+            + 1],
+    );
+    let mounts = container["volumeMounts"]
+        .as_array()
+        .context("volumeMounts")?;
+    ensure!(
+        mounts.iter().all(|m| m.get("subPath").is_none()),
+        "a subPath mount never sees a ConfigMap edit: {mounts:#?}"
+    );
+    let mount = mounts
+        .iter()
+        .find(|m| {
+            Path::new(m["mountPath"].as_str().unwrap_or_default()) == config.parent().unwrap()
+        })
+        .with_context(|| format!("nothing is mounted at the folder of {}", config.display()))?;
+    let volume = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+        .context("no volume for the config mount")?;
+    let configmap = &volume["configMap"]["name"];
+    let data = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == *configmap)
+        .with_context(|| format!("no ConfigMap {configmap}"))?;
+    let key = config.file_name().unwrap().to_string_lossy();
+    ensure!(
+        data["data"].get(key.as_ref()).is_some(),
+        "ConfigMap {configmap} has no {key}"
+    );
     Ok(())
 }
 
