@@ -43,6 +43,14 @@ pub fn cases() -> Vec<Case> {
             "packaging::the_systemd_unit_passes_verify_reloads_on_hup_and_is_sandboxed",
             |_| systemd_unit(),
         ),
+        Case::blocking(
+            "packaging::the_dockerfile_builds_what_the_deployment_runs",
+            |_| dockerfile(),
+        ),
+        Case::tokio(
+            "packaging::the_deployments_config_mount_follows_configmap_edits",
+            |_| config_mount_follows_edits(),
+        ),
         Case::tokio(
             "packaging::deploy_manifests_apply_and_grant_exactly_what_the_daemon_uses",
             deploy_manifests,
@@ -106,7 +114,10 @@ fn systemd_unit() -> Result<()> {
     };
     for (key, wanted) in [
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
-        ("DynamicUser", "yes"),
+        // A static user that reads /etc/endpoints-operator through its group (see below).
+        ("User", "endpoints-operator"),
+        ("Group", "endpoints-operator"),
+        ("RemoveIPC", "yes"),
         ("ProtectSystem", "strict"),
         ("NoNewPrivileges", "yes"),
         ("CapabilityBoundingSet", ""),
@@ -120,6 +131,41 @@ fn systemd_unit() -> Result<()> {
             "{key}={} (want {wanted:?})",
             value(key)?
         );
+    }
+    // A dynamic user could not read root's files, and systemd does not chown a
+    // ConfigurationDirectory: neither may come back.
+    for key in [
+        "DynamicUser",
+        "ConfigurationDirectory",
+        "ConfigurationDirectoryMode",
+    ] {
+        ensure!(value(key).is_err(), "the unit sets {key}=");
+    }
+    // The install steps make that user and give the folder and every file in it (kubeconfigs
+    // hold credentials) to root and its group, readable by the group and no one else.
+    let steps: Vec<&str> = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   "))
+        .collect();
+    let step = |start: &str| {
+        steps
+            .iter()
+            .find(|s| s.starts_with(start))
+            .with_context(|| format!("no install step `{start}…` at the top of the unit"))
+    };
+    ensure!(
+        step("useradd --system")?.contains("--shell /usr/sbin/nologin endpoints-operator"),
+        "{steps:#?}"
+    );
+    ensure!(
+        step("install -d ")?.starts_with(
+            "install -d -o root -g endpoints-operator -m 0750 /etc/endpoints-operator "
+        ),
+        "{steps:#?}"
+    );
+    for file in ["config.toml", "east.kubeconfig", "postgres.yaml"] {
+        let prefix = format!("install -o root -g endpoints-operator -m 0640 {file} ");
+        step(&prefix)?;
     }
     let mut families: Vec<&str> = value("RestrictAddressFamilies")?.split(' ').collect();
     families.sort_unstable();
@@ -185,6 +231,258 @@ fn systemd_unit() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The Deployment of deploy/endpoints-operator.yaml (the chart renders the same).
+fn deployment() -> Result<(Vec<Value>, Value)> {
+    let text = std::fs::read_to_string(format!("{ROOT}/deploy/endpoints-operator.yaml"))?;
+    let docs = documents(&text)?;
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .cloned()
+        .context("deploy/ has no Deployment")?;
+    Ok((docs, deployment))
+}
+
+/// The Dockerfile cannot be built here (no container engine), so what ties it to the manifests is
+/// checked instead: the binary it builds is its entrypoint, its user is the Deployment's
+/// runAsUser, its default command is the Deployment's args, whose config file is where the
+/// ConfigMap is mounted, and the manifests run the version Cargo.toml has.
+fn dockerfile() -> Result<()> {
+    let text = std::fs::read_to_string(format!("{ROOT}/Dockerfile"))?;
+    // Instructions with their continuation lines joined, comments dropped.
+    let mut instructions: Vec<String> = Vec::new();
+    let mut continued = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let part = line.trim_end_matches('\\').trim();
+        match (continued, instructions.last_mut()) {
+            (true, Some(last)) => {
+                last.push(' ');
+                last.push_str(part);
+            }
+            _ => instructions.push(part.to_string()),
+        }
+        continued = line.ends_with('\\');
+    }
+    let stages: Vec<usize> = (0..instructions.len())
+        .filter(|&i| instructions[i].starts_with("FROM "))
+        .collect();
+    ensure!(
+        stages.len() == 2,
+        "want a build and a runtime stage: {instructions:#?}"
+    );
+    let (build, runtime) = instructions[1..].split_at(stages[1] - 1);
+    let from = &instructions[0];
+    let version = from
+        .strip_prefix("FROM rust:")
+        .and_then(|f| f.strip_suffix("-bookworm AS build"))
+        .with_context(|| format!("the build stage is not the official Rust image: {from}"))?;
+    let minor =
+        |v: &str| -> Result<u32> { Ok(v.split('.').nth(1).context("no minor version")?.parse()?) };
+    ensure!(
+        minor(version)? >= minor(env!("CARGO_PKG_RUST_VERSION"))?,
+        "rust:{version} is older than rust-version"
+    );
+    let run = build
+        .iter()
+        .find(|i| i.starts_with("RUN "))
+        .context("no RUN in the build stage")?;
+    ensure!(
+        run.contains("cargo build --release --locked --bin endpoints-operator")
+            && run.contains("target/release/endpoints-operator /out/endpoints-operator"),
+        "{run}"
+    );
+    let one = |name: &str| {
+        let found: Vec<&str> = runtime
+            .iter()
+            .filter_map(|i| i.strip_prefix(name)?.strip_prefix(' '))
+            .collect();
+        ensure!(
+            found.len() == 1,
+            "the runtime stage has {} {name}",
+            found.len()
+        );
+        Ok(found[0])
+    };
+    let binary = one("COPY")?
+        .strip_prefix("--from=build /out/endpoints-operator ")
+        .context("the runtime stage copies something else")?;
+    let entrypoint: Vec<String> = serde_json::from_str(one("ENTRYPOINT")?)?;
+    ensure!(
+        entrypoint == [binary],
+        "ENTRYPOINT {entrypoint:?}, binary {binary}"
+    );
+    let cmd: Vec<String> = serde_json::from_str(one("CMD")?)?;
+
+    let (docs, deployment) = deployment()?;
+    let pod = &deployment["spec"]["template"]["spec"];
+    let uid = pod["securityContext"]["runAsUser"]
+        .as_u64()
+        .context("runAsUser")?;
+    ensure!(pod["securityContext"]["runAsNonRoot"] == true, "{pod:#}");
+    ensure!(
+        one("USER")? == format!("{uid}:{uid}"),
+        "USER {} but runAsUser {uid}",
+        one("USER")?
+    );
+    let container = &pod["containers"][0];
+    ensure!(
+        container["image"] == format!("endpoints-operator:{}", env!("CARGO_PKG_VERSION")),
+        "image {} (Cargo.toml: {})",
+        container["image"],
+        env!("CARGO_PKG_VERSION")
+    );
+    let args: Vec<String> = serde_json::from_value(container["args"].clone())?;
+    ensure!(
+        args == cmd,
+        "the Deployment runs {args:?}, the image {cmd:?}"
+    );
+    let chart = std::fs::read_to_string(format!("{ROOT}/{CHART}/Chart.yaml"))?;
+    let chart: Value = serde_saphyr::from_str(&chart)?;
+    ensure!(
+        chart["appVersion"] == env!("CARGO_PKG_VERSION"),
+        "appVersion {}",
+        chart["appVersion"]
+    );
+
+    // The config file: a key of the ConfigMap mounted as the whole folder (see below).
+    let config = Path::new(
+        &cmd[cmd
+            .iter()
+            .position(|a| a == "--config")
+            .context("--config")?
+            + 1],
+    );
+    let mounts = container["volumeMounts"]
+        .as_array()
+        .context("volumeMounts")?;
+    ensure!(
+        mounts.iter().all(|m| m.get("subPath").is_none()),
+        "a subPath mount never sees a ConfigMap edit: {mounts:#?}"
+    );
+    let mount = mounts
+        .iter()
+        .find(|m| {
+            Path::new(m["mountPath"].as_str().unwrap_or_default()) == config.parent().unwrap()
+        })
+        .with_context(|| format!("nothing is mounted at the folder of {}", config.display()))?;
+    let volume = pod["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+        .context("no volume for the config mount")?;
+    let configmap = &volume["configMap"]["name"];
+    let data = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == *configmap)
+        .with_context(|| format!("no ConfigMap {configmap}"))?;
+    let key = config.file_name().unwrap().to_string_lossy();
+    ensure!(
+        data["data"].get(key.as_ref()).is_some(),
+        "ConfigMap {configmap} has no {key}"
+    );
+    Ok(())
+}
+
+/// A kubelet-style ConfigMap folder, as the Deployment mounts it: each version of the files in a
+/// hidden folder, `..data` a symlink to the current one, and each file a symlink through `..data`.
+/// An edit arrives as a new version folder and an atomic rename of `..data`; the file itself
+/// never changes. The daemon must follow that like an edit.
+async fn config_mount_follows_edits() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    // A cluster that never answers: the test is about what the daemon reads, not what it writes.
+    let kubeconfig = root.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: \"https://127.0.0.1:1\"}}]\n\
+         users: [{name: u, user: {token: x}}]\ncontexts: [{name: c, context: {cluster: c, user: u}}]\n\
+         current-context: c\n",
+    )?;
+    for name in ["first", "second"] {
+        std::fs::create_dir(root.join(name))?;
+        std::fs::write(
+            root.join(name).join("d.yaml"),
+            format!(
+                "apiVersion: sealos.io/v1beta1\nkind: ClusterEndpoint\nmetadata: {{name: {name}, namespace: default}}\n\
+                 spec:\n  ports:\n    - {{port: 80, hosts: [\"10.240.255.1\"]}}\n"
+            ),
+        )?;
+    }
+    let listen = crate::support::daemon::free_port()?;
+    let config = |definitions: &str| {
+        format!(
+            "[status]\nlisten = \"{listen}\"\n[sources]\npaths = [\"{}\"]\n[[clusters]]\nname = \"c\"\nkubeconfig = \"{}\"\n",
+            root.join(definitions).display(),
+            kubeconfig.display()
+        )
+    };
+    let mounted = root.join("etc");
+    std::fs::create_dir_all(mounted.join("..v1"))?;
+    std::fs::write(mounted.join("..v1/config.toml"), config("first"))?;
+    std::os::unix::fs::symlink("..v1", mounted.join("..data"))?;
+    std::os::unix::fs::symlink("..data/config.toml", mounted.join("config.toml"))?;
+
+    let log = std::fs::File::create(root.join("daemon.log"))?;
+    let child = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(mounted.join("config.toml"))
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(child);
+    crate::support::control_plane::install_crypto_provider();
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let definitions = || async {
+        let status = client
+            .get(format!("http://{listen}/api/v1/status"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let status: Value = serde_json::from_str(&status)?;
+        let names: Vec<String> = status["definitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|d| Some(d["name"].as_str()?.to_string()))
+            .collect();
+        anyhow::Ok(names)
+    };
+    let until = |wanted: &'static str| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = definitions().await.unwrap_or_default();
+            if now == [wanted] {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(root.join("daemon.log")).unwrap_or_default();
+                bail!("definitions {now:?}, want [{wanted}]\n{log}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    until("first").await?;
+    // What the kubelet's atomic writer does on an edit.
+    std::fs::create_dir(mounted.join("..v2"))?;
+    std::fs::write(mounted.join("..v2/config.toml"), config("second"))?;
+    std::os::unix::fs::symlink("..v2", mounted.join("..data_tmp"))?;
+    std::fs::rename(mounted.join("..data_tmp"), mounted.join("..data"))?;
+    std::fs::remove_dir_all(mounted.join("..v1"))?;
+    until("second").await
 }
 
 /// Server-side applies deploy/endpoints-operator.yaml once per test run: the tests that need it
