@@ -120,6 +120,8 @@ fn check(config_path: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // With objects as a source, a config may rightly have no definition files at all.
+    let files_required = !files.is_empty() || !config.sources.crd;
     let paths = if files.is_empty() {
         config.sources.paths.clone()
     } else {
@@ -141,7 +143,7 @@ fn check(config_path: Option<PathBuf>, files: Vec<PathBuf>) -> ExitCode {
     for problem in &loaded.problems {
         eprintln!("error: {problem}");
     }
-    if loaded.files.is_empty() && loaded.problems.is_empty() {
+    if loaded.files.is_empty() && loaded.problems.is_empty() && files_required {
         let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
         eprintln!(
             "error: no definition files (*.yaml, *.yml, *.toml) in {}",

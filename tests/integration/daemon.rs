@@ -739,6 +739,29 @@ fn check_reports_problems() -> Result<()> {
             "{needle:?} missing from:\n{stderr}"
         );
     }
+
+    // Objects as the only source: no definition files is fine then (not without objects).
+    let setup = tempfile::tempdir()?;
+    std::fs::create_dir(setup.path().join("endpoints.d"))?;
+    std::fs::write(
+        setup.path().join("kubeconfig"),
+        "apiVersion: v1\nkind: Config\ncurrent-context: x\n\
+         clusters: [{name: c, cluster: {server: \"https://127.0.0.1:1\"}}]\n\
+         users: [{name: u, user: {token: t}}]\n\
+         contexts: [{name: x, context: {cluster: c, user: u}}]\n",
+    )?;
+    for (crd, want) in [(true, 0), (false, 1)] {
+        let config = setup.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[sources]\npaths = [\"endpoints.d\"]\ncrd = {crd}\n\
+                 [[clusters]]\nname = \"east\"\nkubeconfig = \"kubeconfig\"\n"
+            ),
+        )?;
+        let (code, _, stderr) = run_cli(&["check", "--config", &config.display().to_string()])?;
+        ensure!(code == want, "crd = {crd}: exit {code}\n{stderr}");
+    }
     Ok(())
 }
 
