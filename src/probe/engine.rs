@@ -237,6 +237,11 @@ impl Engine {
             .filter(|(_, h)| h.state.readiness == Readiness::Ready)
             .map(|(k, _)| k.service_host())
             .collect();
+        // The same address of the same Service under another port name (a renamed port).
+        let ready_addresses: HashSet<(DefinitionKey, SocketAddr)> = (self.running.iter())
+            .filter(|(key, _)| self.board.readiness(key) == Readiness::Ready)
+            .map(|(key, (spec, _))| (key.definition.key.clone(), spec.addr))
+            .collect();
         self.running.retain(|key, (spec, task)| {
             let keep = wanted.get(key) == Some(spec);
             if !keep {
@@ -249,8 +254,9 @@ impl Engine {
             if self.running.contains_key(&key) {
                 continue;
             }
-            self.board
-                .start(&key, ready_before.contains(&key.service_host()));
+            let was_ready = ready_before.contains(&key.service_host())
+                || ready_addresses.contains(&(key.definition.key.clone(), spec.addr));
+            self.board.start(&key, was_ready);
             let task = tokio::spawn(run_target(
                 key.clone(),
                 spec.clone(),
@@ -509,6 +515,30 @@ mod tests {
             engine.running.is_empty() && engine.board.snapshot().is_empty(),
             "removed targets stop and are forgotten"
         );
+    }
+
+    #[tokio::test]
+    async fn a_renamed_port_keeps_its_ready_hosts_ready() {
+        let (changes, _) = broadcast::channel(16);
+        let mut engine = Engine::new(1, changes);
+        let def = definition(1, Duration::from_secs(3600), Check::Tcp);
+        engine.reconcile([&def]);
+        let key = engine.running.keys().next().unwrap().clone();
+        engine.board.seed_ready(key.service_host());
+        let mut renamed = def.clone();
+        renamed.ports[0].name = "renamed".into();
+        engine.reconcile([&renamed]);
+        let (key, _) = engine.running.iter().next().unwrap();
+        assert_eq!(key.port, "renamed");
+        assert_eq!(engine.board.readiness(key), Readiness::Ready);
+        // Renamed and moved to another address: another target, undecided.
+        let mut moved = renamed.clone();
+        moved.ports[0].name = "moved".into();
+        moved.ports[0].target_port = 2;
+        engine.reconcile([&moved]);
+        let (key, _) = engine.running.iter().next().unwrap();
+        assert_eq!(engine.board.readiness(key), Readiness::Unknown);
+        engine.shutdown();
     }
 
     #[tokio::test]
