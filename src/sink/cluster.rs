@@ -93,7 +93,9 @@ pub struct ClusterSink {
     /// When each definition not yet applied was first seen, for [`Self::hold_back`].
     first_seen: HashMap<DefinitionId, Instant>,
     /// The status last written to (or read from) each `ClusterEndpoint` in this cluster.
-    pub(super) statuses: HashMap<DefinitionKey, ClusterEndpointStatus>,
+    /// Kept with the object's uid: a deleted and re-created object of the same name starts
+    /// from its own (empty) status, not from the one written to its predecessor.
+    pub(super) statuses: HashMap<DefinitionKey, (String, ClusterEndpointStatus)>,
     /// Objects of ours without a definition that may not be pruned yet: from `ClusterEndpoint`s
     /// before every object was listed, or of a definition that is there but unusable. Looked at
     /// again on every full pass.

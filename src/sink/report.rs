@@ -145,7 +145,9 @@ impl ClusterSink {
                 problems: &object.problems,
                 standing,
             };
-            let previous = self.statuses.get(&key).or(object.status.as_ref());
+            let uid = &object.info.uid;
+            let cached = (self.statuses.get(&key)).filter(|(of, _)| of == uid);
+            let previous = cached.map(|(_, status)| status).or(object.status.as_ref());
             // Objects applied before (by an earlier run, say) are not "waiting" again.
             let applied_before = previous.is_some_and(|p| {
                 p.conditions
@@ -169,26 +171,26 @@ impl ClusterSink {
             if previous == Some(&status) {
                 continue;
             }
-            self.announce_status(&key, &object.info.uid, previous, &status);
-            writes.push((key, status));
+            self.announce_status(&key, uid, previous, &status);
+            writes.push((key, uid.clone(), status));
         }
         let client = self.writer.client.clone();
         let written: Vec<_> = futures::stream::iter(writes)
-            .map(|(key, status)| {
+            .map(|(key, uid, status)| {
                 let client = client.clone();
                 async move {
                     let result = write_status(client, &key, &status).await;
-                    (key, status, result)
+                    (key, uid, status, result)
                 }
             })
             .buffer_unordered(WRITES_IN_FLIGHT)
             .collect()
             .await;
-        for (key, status, result) in written {
+        for (key, uid, status, result) in written {
             match result {
                 Ok(()) => {
                     self.update_status(|s| s.writes += 1);
-                    self.statuses.insert(key, status);
+                    self.statuses.insert(key, (uid, status));
                 }
                 // Not cached, so the next pass for this key tries again.
                 Err(e) => {
