@@ -98,12 +98,12 @@ fn read_file(file: &Path) -> FileContent {
                 content.problems.extend(found);
                 definition
             }
-            Err(reason) => {
+            Err(unreadable) => {
                 content.problems.push(Problem {
                     origin: document.origin,
-                    field: String::new(),
-                    value: String::new(),
-                    reason,
+                    field: unreadable.field,
+                    value: unreadable.value,
+                    reason: unreadable.reason,
                 });
                 None
             }
@@ -180,9 +180,64 @@ fn is_definition_file(path: &Path) -> bool {
 /// One document of a definition file: where it is, and its manifest or why it has none.
 pub struct Document {
     pub origin: String,
-    pub manifest: Result<Manifest, String>,
+    pub manifest: Result<Manifest, Unreadable>,
     /// Which Service a document without a usable manifest is about, as far as can be told.
     pub names: Names,
+}
+
+/// Why a document has no manifest: the field (a path such as `spec.ports[0].port`, when the
+/// document parsed but a field has the wrong type), the value found there, and the reason.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Unreadable {
+    pub field: String,
+    pub value: String,
+    pub reason: String,
+}
+
+impl From<String> for Unreadable {
+    fn from(reason: String) -> Self {
+        Unreadable {
+            reason,
+            ..Unreadable::default()
+        }
+    }
+}
+
+impl std::fmt::Display for Unreadable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{} = {:?}: {}", self.field, self.value, self.reason)
+        }
+    }
+}
+
+/// A manifest from a parsed document. Going through a generic value first lets a type error
+/// name its field and the value there, which the parsers' own errors do not.
+fn manifest_from<'de, D>(document: D) -> Result<Manifest, Unreadable>
+where
+    D: serde::Deserializer<'de>,
+{
+    let value =
+        serde_json::Value::deserialize(document).map_err(|e| Unreadable::from(e.to_string()))?;
+    serde_path_to_error::deserialize::<_, Manifest>(&value).map_err(|e| {
+        let field = e.path().to_string();
+        let found = (e.path().iter()).try_fold(&value, |v, segment| match segment {
+            serde_path_to_error::Segment::Seq { index } => v.get(index),
+            serde_path_to_error::Segment::Map { key } => v.get(key),
+            _ => None,
+        });
+        Unreadable {
+            value: match found {
+                Some(serde_json::Value::String(text)) => text.clone(),
+                Some(other) => other.to_string(),
+                None => String::new(),
+            },
+            field: if field == "." { String::new() } else { field },
+            reason: e.into_inner().to_string(),
+        }
+    })
 }
 
 /// The Service a document names, read leniently so that a broken manifest still says it.
@@ -238,7 +293,7 @@ pub fn parse_file(path: &Path) -> Vec<Document> {
         Err(e) => {
             return vec![Document {
                 origin: name,
-                manifest: Err(format!("cannot read: {e}")),
+                manifest: Err(format!("cannot read: {e}").into()),
                 names: Names::Unknown,
             }];
         }
@@ -274,8 +329,23 @@ pub fn parse_yaml(file: &str, text: &str) -> Vec<Document> {
         let manifest = match foreign {
             Some(kind) => Err(format!(
                 "kind {kind:?} is not {KIND}; only ClusterEndpoint documents belong here"
-            )),
-            None => serde_saphyr::from_str::<Manifest>(&doc).map_err(|e| yaml_error(&e)),
+            )
+            .into()),
+            None => match serde_saphyr::from_str::<serde_json::Value>(&doc) {
+                Ok(value) => manifest_from(value).map_err(|mut unreadable| {
+                    // The YAML parser knows the line, the path-aware one the field: say both.
+                    let direct = serde_saphyr::from_str::<Manifest>(&doc).err();
+                    let line = direct.map(|e| yaml_error(&e)).and_then(|text| {
+                        let at = text.split(':').next().filter(|at| at.starts_with("line "));
+                        at.map(str::to_string)
+                    });
+                    if let Some(line) = line {
+                        unreadable.reason = format!("{} ({line})", unreadable.reason);
+                    }
+                    unreadable
+                }),
+                Err(e) => Err(yaml_error(&e).into()),
+            },
         };
         out.push(Document {
             origin,
@@ -329,7 +399,7 @@ pub fn parse_toml(file: &str, text: &str) -> Vec<Document> {
         Err(e) => {
             return vec![Document {
                 origin: file.to_string(),
-                manifest: Err(e.to_string().trim().to_string()),
+                manifest: Err(e.to_string().trim().to_string().into()),
                 names: Names::Unknown,
             }];
         }
@@ -346,7 +416,7 @@ pub fn parse_toml(file: &str, text: &str) -> Vec<Document> {
                 file.to_string()
             },
             names: Names::of(Head::deserialize(value.clone()).ok()),
-            manifest: Manifest::deserialize(value).map_err(|e| e.to_string()),
+            manifest: manifest_from(value),
         })
         .collect()
 }
@@ -406,9 +476,9 @@ spec:
         assert_eq!(manifests(&docs), ["a", "b", "a", "b"]);
         let errors = errors(&docs);
         assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(
-            errors[0].starts_with("f.yaml (document 3, line 15): line 18"),
-            "{errors:?}"
+        assert_eq!(
+            errors[0],
+            "f.yaml (document 3, line 15): spec.ports[0].port = \"eighty\": invalid type: string \"eighty\", expected i64 (line 18 column 13)",
         );
     }
 
