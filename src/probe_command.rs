@@ -11,6 +11,9 @@ use tokio::task::JoinSet;
 use crate::probe::{probe, probe_slots};
 use crate::sources::files;
 
+/// The result shown for a host of a port without a probe.
+const STATIC: &str = "static";
+
 struct Row {
     definition: String,
     port: String,
@@ -29,9 +32,24 @@ pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
     // Every host at once, but never more sockets than the open-files limit allows.
     let slots = Arc::new(Semaphore::new(probe_slots(None).slots));
     let mut probes = JoinSet::new();
+    let mut rows = Vec::new();
     for def in loaded.definitions.values() {
         for port in &def.ports {
             let Some(check) = port.check.clone() else {
+                // No probe: its hosts are published as always ready; say so rather than skip.
+                rows.extend(port.hosts.iter().map(|host| Row {
+                    definition: def.key.to_string(),
+                    port: if port.name.is_empty() {
+                        port.target_port.to_string()
+                    } else {
+                        port.name.clone()
+                    },
+                    host: host.to_string(),
+                    kind: "-",
+                    result: STATIC,
+                    latency_ms: 0.0,
+                    error: String::new(),
+                }));
                 continue;
             };
             for host in &port.hosts {
@@ -70,7 +88,7 @@ pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
             }
         }
     }
-    let mut rows = probes.join_all().await;
+    rows.extend(probes.join_all().await);
     rows.sort_by(|a, b| (&a.definition, &a.port, &a.host).cmp(&(&b.definition, &b.port, &b.host)));
     println!(
         "{:<28} {:<14} {:<40} {:<6} {:<12} {:>10}  ERROR",
@@ -82,10 +100,14 @@ pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
             r.definition, r.port, r.host, r.kind, r.result, r.latency_ms, r.error
         );
     }
-    let failed = rows.iter().filter(|r| r.result != "success").count();
+    let unprobed = rows.iter().filter(|r| r.result == STATIC).count();
+    let failed = rows
+        .iter()
+        .filter(|r| r.result != "success" && r.result != STATIC)
+        .count();
     eprintln!(
-        "{} probe(s), {failed} failed, {} problem(s)",
-        rows.len(),
+        "{} probe(s), {failed} failed, {unprobed} static host(s), {} problem(s)",
+        rows.len() - unprobed,
         loaded.problems.len()
     );
     if failed == 0 && loaded.problems.is_empty() {

@@ -67,6 +67,10 @@ pub fn cases() -> Vec<Case> {
             "objects::a_selector_given_later_to_a_managed_service_is_refused_and_its_slices_go",
             selector_given_later,
         ),
+        Case::tokio(
+            "objects::an_object_deleted_and_created_again_at_once_gets_its_own_status",
+            recreated_at_once,
+        ),
     ]
 }
 
@@ -1003,6 +1007,46 @@ async fn selector_given_later(cp: &'static ControlPlane) -> Result<()> {
         after - before,
         daemon.log_tail(10)
     );
+    drop(daemon);
+    s.cleanup().await;
+    Ok(())
+}
+
+/// `kubectl replace --force`: an object deleted and created again under the same name at once,
+/// while the sink is busy with others, so it may never see the moment without it. The new
+/// object is a new object: it gets a status of its own.
+async fn recreated_at_once(cp: &'static ControlPlane) -> Result<()> {
+    let client = cp.client();
+    install(&client).await?;
+    let net = TestNet::new()?;
+    let h1 = net.add_host()?;
+    let _server = h1.serve_tcp(8080)?;
+    let s = Scratch::new(cp, "objects-recreated").await?;
+    let daemon = Daemon::start_with_objects(cp, &[], &s.ns, &Daemon::new_instance(), "")?;
+    let api = endpoints(&client, &s.ns);
+    for i in 0..20 {
+        let other = web_object(&format!("other-{i}"), &s.ns, &[&h1], json!({}))?;
+        api.create(&PostParams::default(), &other).await?;
+    }
+    let web = web_object("web", &s.ns, &[&h1], json!({}))?;
+    api.create(&PostParams::default(), &web).await?;
+    status_until(&api, "web", |s| s["phase"] == "Healthy").await?;
+    for round in 0..5 {
+        api.delete("web", &DeleteParams::default()).await?;
+        let created = api.create(&PostParams::default(), &web).await?;
+        let found = watch::until(api.clone(), "", WAIT, |objects| {
+            objects.get("web").is_some_and(|o| {
+                o.metadata.uid == created.metadata.uid && o.data["status"]["phase"] == "Healthy"
+            })
+        })
+        .await;
+        found.with_context(|| {
+            format!(
+                "round {round}: the new object got no status\n{}",
+                daemon.log_tail(10)
+            )
+        })?;
+    }
     drop(daemon);
     s.cleanup().await;
     Ok(())

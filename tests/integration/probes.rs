@@ -137,6 +137,7 @@ spec:
     - {{name: http, port: 8080, hosts: [{up}, {down}], httpGet: {{path: /}}}}
     - {{name: udp, protocol: UDP, port: 5300, hosts: [{up}, {down}], udpSocket: {{enable: true, data: ping}}}}
     - {{name: grpc, port: 50051, hosts: [{up}, {down}], grpc: {{enable: true, service: payments}}}}
+    - {{name: static, port: 9, hosts: [{down}]}}
 ",
         up = up.ip(),
         down = down.ip()
@@ -157,6 +158,8 @@ spec:
         // The server only knows "": asking for "payments" is an error, not SERVING.
         ("grpc", up.ip(), "error"),
         ("grpc", down.ip(), "error"),
+        // No probe: listed as static, neither probed nor failed.
+        ("static", down.ip(), "static"),
     ];
     for (port, host, want) in expected {
         let (got, latency) =
@@ -167,7 +170,10 @@ spec:
             "{port} {host} took {latency} ms; failures here must not wait for the timeout"
         );
     }
-    ensure!(summary.contains("8 probe(s), 5 failed"), "{summary}");
+    ensure!(
+        summary.contains("8 probe(s), 5 failed, 1 static host(s)"),
+        "{summary}"
+    );
     Ok(())
 }
 
