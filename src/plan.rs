@@ -42,6 +42,9 @@ pub fn run(config_path: Option<&Path>) -> ExitCode {
     };
     let clusters = config.target_clusters();
     let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
+    if config.sources.crd {
+        eprintln!("note: ClusterEndpoint objects (sources.crd) are not planned; only files are");
+    }
     let mut loaded = files::load(&config.sources.paths);
     let unknown = unknown_clusters(loaded.definitions.values(), &names);
     loaded.problems.extend(unknown);
