@@ -143,8 +143,9 @@ pub enum ConfigError {
     Missing(PathBuf),
     #[error("config file {0}: the file is empty")]
     Empty(PathBuf),
-    #[error("{}", describe(.0))]
-    Invalid(Box<figment::Error>),
+    /// Every error of the layered config, one per line (see [`describe`]).
+    #[error("{0}")]
+    Invalid(String),
     #[error("{file}: {field} = {value:?}: {reason}")]
     Field {
         file: String,
@@ -153,6 +154,9 @@ pub enum ConfigError {
         reason: String,
     },
 }
+
+/// Environment variables of the config layer: `ENDPOINTS_OPERATOR_STATUS__LISTEN`, say.
+const ENV_PREFIX: &str = "ENDPOINTS_OPERATOR_";
 
 /// Loads the layered configuration. An explicitly named file must exist; the default path
 /// may be absent (defaults and environment then stand alone).
@@ -169,7 +173,7 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, Config
         figment = figment.merge(Toml::file_exact(&file));
     }
     figment = figment.merge(
-        Env::prefixed("ENDPOINTS_OPERATOR_")
+        Env::prefixed(ENV_PREFIX)
             .filter(|k| k != "config")
             .split("__"),
     );
@@ -178,7 +182,7 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, Config
     }
     let mut config: Config = figment
         .extract()
-        .map_err(|e| ConfigError::Invalid(Box::new(e)))?;
+        .map_err(|e| ConfigError::Invalid(describe(&e, &figment)))?;
     let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
     for p in &mut config.sources.paths {
         if p.is_relative() {
@@ -194,36 +198,54 @@ pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, Config
     Ok(config)
 }
 
-/// One line per error: where the value came from, the key, and what is wrong with it.
-fn describe(error: &figment::Error) -> String {
+/// One line per error: where the value came from (the file, or the environment variable by
+/// name), the key, the value found there, and what is wrong with it.
+fn describe(error: &figment::Error, figment: &Figment) -> String {
     error
         .clone()
         .into_iter()
         .map(|e| {
-            let source = e
-                .metadata
-                .as_ref()
-                .and_then(|m| m.source.as_ref())
-                .map_or_else(|| "config".to_string(), |s| s.to_string());
             // figment prefixes every key with its profile name; users never see profiles.
-            let key = e
-                .path
-                .iter()
+            let path: Vec<String> = (e.path.iter())
                 .filter(|p| p.as_str() != "default")
                 .cloned()
-                .collect::<Vec<_>>()
-                .join(".");
-            // Parser messages span several lines with a caret picture; logs and JSON want one.
-            let kind = e
-                .kind
-                .to_string()
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ");
-            if key.is_empty() {
-                format!("{source}: {kind}")
-            } else {
-                format!("{source}: {key}: {kind}")
+                .collect();
+            let key = path.join(".");
+            let source = match &e.metadata {
+                // The environment layer (the only one without a source): name the variable.
+                Some(m) if m.source.is_none() && !path.is_empty() => {
+                    format!("{ENV_PREFIX}{}", path.join("__").to_uppercase())
+                }
+                Some(m) => m
+                    .source
+                    .as_ref()
+                    .map_or_else(|| m.name.to_string(), |s| s.to_string()),
+                None => "config".to_string(),
+            };
+            let kind = match &e.kind {
+                figment::error::Kind::UnknownField(found, expected) => {
+                    format!(
+                        "unknown key `{found}`; expected one of {}",
+                        expected.join(", ")
+                    )
+                }
+                // Parser messages span several lines with a caret picture; logs want one.
+                other => other
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            };
+            let value = (!key.is_empty())
+                .then(|| figment.find_value(&key).ok())
+                .flatten()
+                .and_then(|v| serde_json::to_string(&v).ok());
+            let is_env = e.metadata.as_ref().is_some_and(|m| m.source.is_none());
+            match (key.is_empty(), value) {
+                (true, _) => format!("{source}: {kind}"),
+                (false, Some(value)) if is_env => format!("{source} = {value}: {kind}"),
+                (false, Some(value)) => format!("{source}: {key} = {value}: {kind}"),
+                (false, None) => format!("{source}: {key}: {kind}"),
             }
         })
         .collect::<Vec<_>>()
@@ -293,8 +315,11 @@ pub fn check_kubeconfig(cluster: &ClusterConfig) -> Result<(), String> {
     let Some(path) = &cluster.kubeconfig else {
         return Ok(());
     };
-    let kubeconfig = kube::config::Kubeconfig::read_from(path)
-        .map_err(|e| format!("kubeconfig {}: {e}", path.display()))?;
+    let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+        // kube's own message repeats the path, quoted twice; its cause is what matters.
+        let cause = std::error::Error::source(&e).map_or_else(|| e.to_string(), |c| c.to_string());
+        format!("kubeconfig {}: {cause}", path.display())
+    })?;
     let context = cluster
         .context
         .clone()
@@ -385,11 +410,42 @@ mod tests {
             let err = load(Some(&path), &Overrides::default())
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("lisen"), "{err}");
+            assert!(
+                err.ends_with(
+                    "status.lisen = \"127.0.0.1:1\": unknown key `lisen`; expected one of listen"
+                ),
+                "{err}"
+            );
             let err = load(Some(&dir.path().join("nope.toml")), &Overrides::default())
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("nope.toml"), "{err}");
+        });
+    }
+
+    #[test]
+    // figment's Jail closure must return figment's own (large) error type.
+    #[allow(clippy::result_large_err)]
+    fn a_bad_value_names_its_file_or_variable_key_and_value() {
+        figment::Jail::expect_with(|jail| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = write(dir.path(), "[status]\nlisten = \"nope\"\n");
+            let err = load(Some(&path), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            // figment shows the file relative to the working folder.
+            let expected = "config.toml: status.listen = \"nope\": invalid socket address syntax";
+            assert!(err.ends_with(expected), "{err}");
+            let path = write(dir.path(), "instance = \"a\"\n");
+            jail.set_env("ENDPOINTS_OPERATOR_PROBES__CONCURRENCY", "many");
+            let err = load(Some(&path), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("ENDPOINTS_OPERATOR_PROBES__CONCURRENCY = \"many\": "),
+                "{err}"
+            );
+            Ok(())
         });
     }
 
