@@ -71,6 +71,10 @@ pub fn cases() -> Vec<Case> {
             "objects::an_object_deleted_and_created_again_at_once_gets_its_own_status",
             recreated_at_once,
         ),
+        Case::tokio(
+            "objects::case_seed_wordpress_runs_unchanged_from_a_file_and_as_an_object",
+            seed_wordpress_runs,
+        ),
     ]
 }
 
@@ -1049,5 +1053,70 @@ async fn recreated_at_once(cp: &'static ControlPlane) -> Result<()> {
     }
     drop(daemon);
     s.cleanup().await;
+    Ok(())
+}
+
+/// The original project's README example, only its hosts moved to test hosts: one serving every
+/// port (TLS port as plain TCP, HTTP `/healthz` with `scheme: http` in lower case, UDP echo, gRPC
+/// health), one serving nothing. As a file and as an object, each port shows the first host
+/// ready and the second not.
+async fn seed_wordpress_runs(cp: &'static ControlPlane) -> Result<()> {
+    let client = cp.client();
+    install(&client).await?;
+    let net = TestNet::new()?;
+    let (up, down) = (net.add_host()?, net.add_host()?);
+    let _servers = [
+        up.serve_tcp(443)?,
+        up.serve_http(80, |_| crate::support::HttpResponse::ok("ok"))?,
+        up.serve_udp_echo(1234)?,
+        up.serve_grpc_health(8080, &[("", tonic_health::ServingStatus::Serving)])?,
+    ];
+    let text = crate::daemon::case_file("seed-wordpress.yaml")
+        .replace("10.33.40.151", &up.ip().to_string())
+        .replace("10.33.40.152", &down.ip().to_string());
+    let (from_file, from_object) = (
+        Scratch::new(cp, "wordpress-file").await?,
+        Scratch::new(cp, "wordpress-object").await?,
+    );
+    let file = text.replace(
+        "namespace: default",
+        &format!("namespace: {}", from_file.ns),
+    );
+    let daemon = Daemon::start_with_objects(
+        cp,
+        &[("wordpress.yaml", file)],
+        &from_object.ns,
+        &Daemon::new_instance(),
+        "",
+    )?;
+    let mut object: DynamicObject = serde_saphyr::from_str(&text)?;
+    object.metadata.namespace = Some(from_object.ns.clone());
+    endpoints(&client, &from_object.ns)
+        .create(&PostParams::default(), &object)
+        .await?;
+    let mut wanted = Vec::new();
+    for slice in [
+        "wordpress-38081-tcp-ipv4",
+        "wordpress-38082-tcp-ipv4",
+        "wordpress-38003-udp-ipv4",
+        "wordpress-38083-tcp-ipv4",
+    ] {
+        wanted.push((slice, &up, true));
+        wanted.push((slice, &down, false));
+    }
+    let wanted = expect(&wanted);
+    for scratch in [&from_file, &from_object] {
+        slices_become(scratch, "wordpress", &wanted, WAIT)
+            .await
+            .with_context(|| format!("in {}\n{}", scratch.ns, daemon.log_tail(10)))?;
+    }
+    let api = endpoints(&client, &from_object.ns);
+    status_until(&api, "wordpress", |s| {
+        s["phase"] == "UnHealthy" && s["readyHosts"] == "4/8"
+    })
+    .await?;
+    drop(daemon);
+    from_file.cleanup().await;
+    from_object.cleanup().await;
     Ok(())
 }
