@@ -135,7 +135,7 @@ async fn plan(cluster: &ClusterConfig, instance: &str, loaded: &files::Loaded) -
     let wanted: BTreeSet<&DefinitionKey> = targeted.iter().map(|d| &d.key).collect();
     let orphans: BTreeSet<DefinitionKey> = (plan.deletable.iter())
         .map(|d| d.definition.clone())
-        .filter(|key| !wanted.contains(key) && !loaded.unusable.holds(key))
+        .filter(|key| !wanted.contains(key) && !loaded.unusable.holds(key, true))
         .collect();
     for orphan in &orphans {
         plan.delete(orphan, |_| true);

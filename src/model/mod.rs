@@ -213,9 +213,10 @@ impl Unusable {
         self.any |= other.any;
     }
 
-    /// Whether the objects of this Service must be left in place.
-    pub fn holds(&self, key: &DefinitionKey) -> bool {
-        self.any || self.keys.contains(key)
+    /// Whether the objects of this Service must be left in place; `from_files` when they were
+    /// written for a file (an unreadable file says nothing about objects' Services).
+    pub fn holds(&self, key: &DefinitionKey, from_files: bool) -> bool {
+        self.keys.contains(key) || (self.any && from_files)
     }
 }
 

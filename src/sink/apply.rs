@@ -258,10 +258,17 @@ impl Writer {
         key: &DefinitionKey,
         objects_complete: bool,
     ) -> Result<(), SyncError> {
-        self.delete_if_ours::<Service>(key, objects_complete)
-            .await?;
-        self.delete_if_ours::<Endpoints>(key, objects_complete)
-            .await?;
+        // A Service given a selector belongs to someone else now, with its Endpoints, whatever
+        // labels of ours it still carries: only our slices go.
+        let services: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
+        let live = services.get_opt(&key.name).await?;
+        let selector = live.and_then(|s| s.spec?.selector);
+        if selector.is_none_or(|s| s.is_empty()) {
+            self.delete_if_ours::<Service>(key, objects_complete)
+                .await?;
+            self.delete_if_ours::<Endpoints>(key, objects_complete)
+                .await?;
+        }
         self.prune_slices(key, &BTreeSet::new(), objects_complete)
             .await?;
         info!(cluster = %self.name, definition = %key, "removed objects of a deleted definition");

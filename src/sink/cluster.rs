@@ -21,7 +21,7 @@ use crate::model::crd::ClusterEndpointStatus;
 use crate::model::{Definition, DefinitionId, DefinitionKey, Desired, Port, Source};
 use crate::probe::state::Readiness;
 use crate::probe::{HealthBoard, TargetKey};
-use crate::render::{self, Objects, pruneable};
+use crate::render::{self, Objects, SOURCE_FILE, SOURCE_LABEL, pruneable};
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -103,6 +103,9 @@ pub struct ClusterSink {
     /// Failing definitions: when to try again, how long the next wait will be, and whether the
     /// failure was the cluster being unreachable (as opposed to the API refusing the objects).
     retry: HashMap<DefinitionKey, Retry>,
+    /// Refused Services (a selector, another instance): looked at again with backoff, since what
+    /// refused them can go away without any event this daemon watches.
+    recheck: HashMap<DefinitionKey, Retry>,
     /// Definitions with objects of ours in the cluster but no definition any more.
     pub(super) orphans: BTreeSet<DefinitionKey>,
 }
@@ -135,6 +138,7 @@ impl ClusterSink {
             first_seen: HashMap::new(),
             statuses: HashMap::new(),
             retry: HashMap::new(),
+            recheck: HashMap::new(),
         }
     }
 
@@ -250,7 +254,11 @@ impl ClusterSink {
             }
             let instance = &self.writer.instance;
             let labels = Some(&notice.labels);
-            let kept = desired.unusable.holds(&notice.definition);
+            let from_files = notice
+                .labels
+                .get(SOURCE_LABEL)
+                .is_some_and(|s| s == SOURCE_FILE);
+            let kept = desired.unusable.holds(&notice.definition, from_files);
             if pruneable(labels, instance, desired.objects_complete) && !kept {
                 self.orphans.insert(notice.definition.clone());
                 dirty.insert(notice.definition);
@@ -287,9 +295,7 @@ impl ClusterSink {
         for key in std::mem::take(dirty) {
             let candidates = snapshot.candidates(&self.name, &key);
             let winner = candidates.first().copied();
-            let due = self
-                .retry
-                .get(&key)
+            let due = (self.retry.get(&key).or(self.recheck.get(&key)))
                 .map(|r| r.at)
                 .filter(|at| *at > Instant::now());
             let held = winner.and_then(|d| self.hold_back(d));
@@ -313,7 +319,7 @@ impl ClusterSink {
                         entry,
                     }))
                 }
-                None if snapshot.unusable.holds(&key) => {
+                None if snapshot.unusable.holds(&key, entry_from_files(&entry)) => {
                     // Looked at again on the next full pass, when it may have become usable.
                     if self.orphans.remove(&key) {
                         self.suspects.insert(key.clone());
@@ -326,6 +332,11 @@ impl ClusterSink {
                 }
                 None if entry.is_some() || self.orphans.contains(&key) => Job::Remove,
                 None => {
+                    // Nothing of ours there: a refusal of it is no longer news.
+                    self.recheck.remove(&key);
+                    self.update_status(|s| {
+                        s.conflicts.remove(&key.to_string());
+                    });
                     outcomes.insert(key, Outcome::Nothing);
                     continue;
                 }
@@ -379,6 +390,7 @@ impl ClusterSink {
                     self.first_seen.retain(|id, _| id.key != key);
                     self.orphans.remove(&key);
                     self.retry.remove(&key);
+                    self.recheck.remove(&key);
                     if !back_online {
                         back_online = self.retry.values().any(|r| r.unreachable);
                     }
@@ -406,6 +418,10 @@ impl ClusterSink {
                         s.conflicts.insert(name, reason.clone());
                     });
                     outcomes.insert(key.clone(), Outcome::Refused(reason));
+                    let recheck = self.recheck.entry(key.clone()).or_default();
+                    recheck.at = Instant::now() + recheck.backoff.next();
+                    later(recheck.at);
+                    dirty.insert(key.clone());
                 }
                 Err(e) => {
                     let unreachable = e.is_unreachable();
@@ -529,6 +545,12 @@ async fn sleep_until_or_forever(deadline: Option<Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// Whether what a sink applied for a Service came from a file (unknown counts as not).
+fn entry_from_files(entry: &Option<Applied>) -> bool {
+    let by = entry.as_ref().and_then(|e| e.by.as_ref());
+    by.is_some_and(|id| id.source == Source::File)
 }
 
 #[derive(Debug)]

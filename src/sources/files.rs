@@ -162,7 +162,8 @@ fn definition_files(path: &Path) -> Result<Vec<PathBuf>, String> {
             .file_name()
             .and_then(|n| n.to_str())
             .is_none_or(|n| n.starts_with('.'));
-        if !hidden && is_definition_file(&file) && file.is_file() {
+        // Not `is_file`: a dangling link (a mount gone) must show as unreadable, not vanish.
+        if !hidden && is_definition_file(&file) && !file.is_dir() {
             files.push(file);
         }
     }
@@ -268,17 +269,17 @@ impl Names {
         let Some(head) = head else {
             return Names::Unknown;
         };
-        if head.kind.as_deref().is_some_and(|k| k != KIND) {
-            return Names::NotOurs;
-        }
+        let foreign = head.kind.as_deref().is_some_and(|k| k != KIND);
         match head.metadata {
             Some(HeadMetadata {
                 name: Some(name),
                 namespace,
             }) => Names::Service(DefinitionKey {
+                // Another kind may be a misspelt ClusterEndpoint: the Service it names is held.
                 namespace: namespace.unwrap_or_else(|| "default".into()),
                 name,
             }),
+            _ if foreign => Names::NotOurs,
             _ => Names::Unknown,
         }
     }
@@ -528,7 +529,12 @@ spec:
             "invalid.yaml",
             "kind: ClusterEndpoint\nmetadata: {name: b, namespace: db}\nspec: {clusterIP: bogus}\n",
         );
-        write("other-kind.yaml", "kind: ConfigMap\nmetadata: {name: c}\n");
+        // Another kind may be a misspelt ClusterEndpoint: what it names is held, no more.
+        write(
+            "other-kind.yaml",
+            "kind: ClusterEndpiont\nmetadata: {name: c}\n",
+        );
+        write("nameless.yaml", "kind: ConfigMap\ndata: {x: y}\n");
         let loaded = load(&[dir.path().to_path_buf()]);
         assert!(
             loaded.unusable.any,
@@ -538,12 +544,35 @@ spec:
             namespace: "db".into(),
             name: "b".into(),
         };
-        assert_eq!(loaded.unusable.keys.iter().collect::<Vec<_>>(), [&b]);
+        let c = DefinitionKey {
+            namespace: "default".into(),
+            name: "c".into(),
+        };
+        assert_eq!(loaded.unusable.keys.iter().collect::<Vec<_>>(), [&b, &c]);
 
         std::fs::remove_file(dir.path().join("syntax.yaml")).unwrap();
         let loaded = load(&[dir.path().to_path_buf()]);
-        assert!(!loaded.unusable.any, "another kind is not ours: {loaded:?}");
-        assert!(loaded.unusable.holds(&b));
+        assert!(
+            !loaded.unusable.any,
+            "a nameless other kind is not ours: {loaded:?}"
+        );
+        assert!(loaded.unusable.holds(&b, true) && loaded.unusable.holds(&c, false));
+
+        // A dangling link (a mount that went away) is unreadable, not gone.
+        std::os::unix::fs::symlink(
+            dir.path().join("gone/web.yaml"),
+            dir.path().join("web.yaml"),
+        )
+        .unwrap();
+        let loaded = load(&[dir.path().to_path_buf()]);
+        assert!(loaded.unusable.any, "{loaded:?}");
+        assert!(
+            loaded
+                .problems
+                .iter()
+                .any(|p| p.origin.ends_with("web.yaml"))
+        );
+        std::fs::remove_file(dir.path().join("web.yaml")).unwrap();
 
         // Once a version is in force, a broken edit keeps it: nothing is unusable.
         write(
@@ -557,7 +586,7 @@ spec:
         );
         let kept = reload(&[dir.path().to_path_buf()], &good);
         assert!(kept.definitions.contains_key(&b));
-        assert_eq!(kept.unusable, Unusable::default());
+        assert!(!kept.unusable.holds(&b, true));
     }
 
     #[test]

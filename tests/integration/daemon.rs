@@ -50,6 +50,10 @@ pub fn cases() -> Vec<Case> {
         drift_is_repaired,
     ));
     cases.push(Case::tokio(
+        "daemon::a_service_given_a_selector_is_never_deleted_with_its_definition",
+        selector_service_outlives_definition,
+    ));
+    cases.push(Case::tokio(
         "daemon::a_service_of_another_instance_is_left_alone_and_reported",
         other_instance,
     ));
@@ -924,6 +928,59 @@ async fn other_instance(cp: &'static ControlPlane) -> Result<()> {
         .resource_version;
     ensure!(now == version, "the Service was written again");
     drop((first, second));
+    s.cleanup().await;
+    Ok(())
+}
+
+/// A managed Service that someone gives a selector belongs to the endpoints controller from
+/// then on: when its definition goes, while running or while stopped, the Service and its
+/// Endpoints stay (only the daemon's own slices go).
+async fn selector_service_outlives_definition(cp: &'static ControlPlane) -> Result<()> {
+    let net = TestNet::new()?;
+    let h1 = net.add_host()?;
+    let _server = h1.serve_tcp(8080)?;
+    let s = Scratch::new(cp, "selector-kept").await?;
+    let instance = Daemon::new_instance();
+    let daemon = Daemon::start_as(
+        cp,
+        &[("web.yaml", web_definition(&s.ns, &[&h1]))],
+        &instance,
+    )?;
+    let only_h1 = expect(&[("web-80-tcp-ipv4", &h1, true)]);
+    slices_become(&s, "web", &only_h1, Duration::from_secs(30)).await?;
+    let selector = serde_json::json!({"spec": {"selector": {"app": "web"}}});
+    s.api::<Service>()
+        .patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&selector),
+        )
+        .await?;
+    watch::until(
+        s.api::<EndpointSlice>(),
+        "",
+        Duration::from_secs(30),
+        |sl| sl.is_empty(),
+    )
+    .await
+    .context("the daemon's slices of the refused Service go")?;
+
+    std::fs::remove_file(daemon.definitions_dir().join("web.yaml"))?;
+    let gone = |svcs: &BTreeMap<String, Service>| !svcs.contains_key("web");
+    watch::never(s.api::<Service>(), "", Duration::from_secs(4), gone)
+        .await
+        .with_context(|| format!("deleted while running\n{}", daemon.log_tail(10)))?;
+    ensure!(daemon.stop()? == Some(0));
+    let daemon = Daemon::start_as(cp, &[], &instance)?;
+    daemon.status().await?;
+    watch::never(s.api::<Service>(), "", Duration::from_secs(4), gone)
+        .await
+        .with_context(|| format!("deleted on start\n{}", daemon.log_tail(10)))?;
+    ensure!(
+        s.api::<Endpoints>().get_opt("web").await?.is_some(),
+        "its Endpoints stay too"
+    );
+    drop(daemon);
     s.cleanup().await;
     Ok(())
 }

@@ -1011,6 +1011,17 @@ async fn selector_given_later(cp: &'static ControlPlane) -> Result<()> {
         after - before,
         daemon.log_tail(10)
     );
+
+    // The selector goes again: nothing the daemon watches tells it, yet it takes the Service back.
+    let no_selector = json!({"spec": {"selector": null}});
+    s.api::<Service>()
+        .patch("web", &PatchParams::default(), &Patch::Merge(&no_selector))
+        .await?;
+    let only_h1 = expect(&[("web-80-tcp-ipv4", &h1, true)]);
+    slices_become(&s, "web", &only_h1, Duration::from_secs(45))
+        .await
+        .with_context(|| format!("the Service is not taken back\n{}", daemon.log_tail(10)))?;
+    status_until(&api, "web", |s| s["phase"] == "Healthy").await?;
     drop(daemon);
     s.cleanup().await;
     Ok(())
