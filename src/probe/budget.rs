@@ -6,7 +6,7 @@
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 /// Descriptors kept back from probes: API connections and watches per cluster, watched
-/// folders, the status server and its clients.
+/// folders, the status server and its clients (at most 64 at once).
 const RESERVED: u64 = 256;
 
 /// Probes in flight at once, from the configured value (if any) and the open-files limit.

@@ -2,6 +2,7 @@
 //! every definition, port and host with its health, the per-cluster apply state, and the problems
 //! found in the sources), `/metrics` (OpenMetrics), `/readyz` and `/healthz`.
 
+mod listener;
 mod metrics;
 mod page;
 mod ready;
@@ -245,6 +246,8 @@ fn plural(n: usize) -> &'static str {
 
 /// Serves until the process ends. Binding happens before this returns, so a taken port fails
 /// the start instead of a background task.
-pub async fn bind(listen: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(listen).await
+pub async fn bind(listen: SocketAddr) -> std::io::Result<listener::Limited> {
+    Ok(listener::Limited::new(
+        tokio::net::TcpListener::bind(listen).await?,
+    ))
 }

@@ -6,10 +6,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, ensure};
 use tonic_health::ServingStatus;
 
-use crate::daemon::{Scratch, case_file, expect, host_status_until, slices_become};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::daemon::{Scratch, case_file, expect, host_status_until, readiness, slices_become};
 use crate::support::daemon::{Daemon, run_cli};
 use crate::support::tls::TestCa;
-use crate::support::{Case, ControlPlane, HttpRequest, HttpResponse, TestNet};
+use crate::support::{Case, ControlPlane, HttpRequest, HttpResponse, TestNet, watch};
 
 pub fn cases() -> Vec<Case> {
     vec![
@@ -447,6 +449,41 @@ async fn small_open_files_limit(cp: &'static ControlPlane) -> Result<()> {
     ensure!(
         silent_entry["lastResult"] == "timeout",
         "the silent host times out: {silent_entry}"
+    );
+    // Hundreds of idle clients of the status server take none of the probes' descriptors: over
+    // a window of several probe rounds the healthy host stays ready, and afterwards its record
+    // shows more probes, all successful.
+    let successes = |h: &serde_json::Value| h["results"]["success"].as_u64().unwrap_or_default();
+    let before = successes(&entry);
+    // Clients beyond the server's limit and the kernel's backlog time out connecting: fine.
+    let attempts = (0..400).map(|_| {
+        let connect = tokio::net::TcpStream::connect(daemon.status_addr());
+        tokio::time::timeout(Duration::from_secs(2), connect)
+    });
+    let clients: Vec<tokio::net::TcpStream> = futures::future::join_all(attempts)
+        .await
+        .into_iter()
+        .filter_map(|attempt| attempt.ok()?.ok())
+        .collect();
+    ensure!(
+        clients.len() > 100,
+        "only {} clients connected",
+        clients.len()
+    );
+    let healthy_slice = "kubernetes.io/service-name=healthy";
+    watch::never(
+        s.api::<EndpointSlice>(),
+        healthy_slice,
+        Duration::from_secs(15),
+        |sl| !readiness(sl).values().all(|ready| *ready),
+    )
+    .await
+    .context("the healthy host went not ready during the flood")?;
+    drop(clients);
+    let entry = host_status_until(&daemon, &healthy, Duration::from_secs(30), |_| true).await?;
+    ensure!(
+        successes(&entry) >= before + 2 && entry["results"].as_object().map(|r| r.len()) == Some(1),
+        "the healthy host's probes all succeed under a flood of status clients: {entry}"
     );
     let log = daemon.log_tail(10_000);
     ensure!(
