@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Endpoints, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::{Api, Client, Resource};
 use serde::Serialize;
@@ -18,7 +19,7 @@ use serde_json::json;
 use tracing::{debug, info, instrument};
 
 use super::cluster::{Applied, ClusterStatus, SyncError};
-use crate::model::{Definition, DefinitionKey};
+use crate::model::{API_VERSION, Definition, DefinitionKey, KIND};
 use crate::render::{
     FIELD_MANAGER, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Objects, SERVICE_NAME_LABEL,
     SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable,
@@ -70,6 +71,7 @@ impl Writer {
                     // The endpoints controller owns its endpoints now; slices of ours would add
                     // the external hosts to them.
                     self.prune_slices(&def.key, &BTreeSet::new(), true).await?;
+                    self.release_service(&def.key).await?;
                     *entry = None;
                     return Err(refused);
                 }
@@ -106,6 +108,33 @@ impl Writer {
             .unwrap_or_else(|e| e.into_inner())
             .last_successful_apply = Some(SystemTime::now());
         Ok(synced)
+    }
+
+    /// Drops the ownerReference to a `ClusterEndpoint` from a Service that someone gave a
+    /// selector: deleting that object must not have garbage collection take the Service too.
+    /// The only write to a refused Service, and one that gives up a claim.
+    async fn release_service(&self, key: &DefinitionKey) -> Result<(), SyncError> {
+        let services: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
+        let Some(live) = services.get_opt(&key.name).await? else {
+            return Ok(());
+        };
+        let owners = live.metadata.owner_references.unwrap_or_default();
+        let ours = |o: &OwnerReference| o.api_version == API_VERSION && o.kind == KIND;
+        if !owners.iter().any(ours) {
+            return Ok(());
+        }
+        let kept: Vec<&OwnerReference> = owners.iter().filter(|o| !ours(o)).collect();
+        // The resourceVersion makes it refuse to overwrite a concurrent change of the list.
+        let patch = json!({"metadata": {
+            "ownerReferences": kept,
+            "resourceVersion": live.metadata.resource_version,
+        }});
+        services
+            .patch(&key.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        self.count_write();
+        info!(cluster = %self.name, definition = %key, "released a Service given a selector");
+        Ok(())
     }
 
     /// Looks at the live Service before the first apply or a `clusterIP` change: refuses one

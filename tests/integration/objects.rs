@@ -974,6 +974,20 @@ async fn selector_given_later(cp: &'static ControlPlane) -> Result<()> {
         conflicts.as_object().is_some_and(|c| !c.is_empty()),
         "the status API lists the conflict: {conflicts}"
     );
+    // Deleting the object later must not take the Service with it.
+    let owners = s
+        .api::<Service>()
+        .get("web")
+        .await?
+        .metadata
+        .owner_references;
+    ensure!(
+        owners
+            .unwrap_or_default()
+            .iter()
+            .all(|o| o.kind != "ClusterEndpoint"),
+        "the Service given a selector still names its ClusterEndpoint as owner"
+    );
 
     // What the endpoints controller does: the daemon leaves it alone.
     let writes = |status: Value| status["clusters"][0]["writes"].as_u64().unwrap_or_default();
