@@ -22,7 +22,7 @@ use crate::config::{self, ClusterConfig, Overrides};
 use crate::model::{Definition, DefinitionKey, unknown_clusters};
 use crate::probe::ServiceHost;
 use crate::render::{self, FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, SERVICE_NAME_LABEL};
-use crate::render::{INSTANCE_LABEL, SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable};
+use crate::render::{SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable};
 use crate::sink::{connect, ready_hosts};
 use crate::sources::files;
 
@@ -147,16 +147,13 @@ impl Plan {
     async fn sync(&mut self, client: &Client, instance: &str, def: &Definition) -> Result<()> {
         let services: Api<Service> = Api::namespaced(client.clone(), &def.key.namespace);
         let existing = services.get_opt(&def.key.name).await?;
-        let labels = existing.as_ref().and_then(|s| s.metadata.labels.clone());
-        let label = |key: &str| labels.as_ref().and_then(|l| l.get(key).cloned());
-        let selector = existing.and_then(|s| s.spec?.selector);
-        if selector.is_some_and(|s| !s.is_empty()) {
+        if existing.as_ref().is_some_and(render::has_selector) {
             let conflict = format!("! conflict Service {}: {CONFLICT}", def.key);
             self.lines.push(conflict);
             return Ok(());
         }
-        let managed = label(MANAGED_BY_LABEL).as_deref() == Some(MANAGED_BY_VALUE);
-        if let Some(other) = label(INSTANCE_LABEL).filter(|i| managed && i != instance) {
+        let labels = existing.as_ref().and_then(|s| s.metadata.labels.as_ref());
+        if let Some(other) = render::other_instance(labels, instance) {
             let conflict = format!(
                 "! conflict Service {}: managed by instance {other:?}; left untouched",
                 def.key

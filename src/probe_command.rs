@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use crate::model::Port;
 use crate::probe::{probe, probe_slots};
 use crate::sources::files;
 
@@ -39,11 +40,7 @@ pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
                 // No probe: its hosts are published as always ready; say so rather than skip.
                 rows.extend(port.hosts.iter().map(|host| Row {
                     definition: def.key.to_string(),
-                    port: if port.name.is_empty() {
-                        port.target_port.to_string()
-                    } else {
-                        port.name.clone()
-                    },
+                    port: port_label(port),
                     host: host.to_string(),
                     kind: "-",
                     result: STATIC,
@@ -55,7 +52,7 @@ pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
             for host in &port.hosts {
                 let (definition, port_name, host, timing, target_port) = (
                     def.key.to_string(),
-                    port.name.clone(),
+                    port_label(port),
                     *host,
                     port.timing,
                     port.target_port,
@@ -66,11 +63,7 @@ pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
                     let outcome = probe(&check, (host, target_port).into(), timing.timeout).await;
                     Row {
                         definition,
-                        port: if port_name.is_empty() {
-                            target_port.to_string()
-                        } else {
-                            port_name
-                        },
+                        port: port_name,
                         host: host.to_string(),
                         kind: check.kind(),
                         result: outcome
@@ -114,5 +107,14 @@ pub async fn run(paths: Vec<PathBuf>) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// A port as the table names it: its name, or its target port when it has none.
+fn port_label(port: &Port) -> String {
+    if port.name.is_empty() {
+        port.target_port.to_string()
+    } else {
+        port.name.clone()
     }
 }

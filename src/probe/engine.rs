@@ -233,15 +233,25 @@ impl Engine {
     /// so the change never flaps a healthy host.
     pub fn reconcile<'a>(&mut self, definitions: impl IntoIterator<Item = &'a Definition>) {
         let wanted = targets_of(definitions);
-        let ready_before: HashSet<ServiceHost> = (self.board.lock().iter())
-            .filter(|(_, h)| h.state.readiness == Readiness::Ready)
-            .map(|(k, _)| k.service_host())
-            .collect();
-        // The same address of the same Service under another port name (a renamed port).
-        let ready_addresses: HashSet<(DefinitionKey, SocketAddr)> = (self.running.iter())
-            .filter(|(key, _)| self.board.readiness(key) == Readiness::Ready)
-            .map(|(key, (spec, _))| (key.definition.key.clone(), spec.addr))
-            .collect();
+        // Ready hosts by Service, port name and host, and by Service and address (the same
+        // address under another port name: a renamed port).
+        let (ready_before, ready_addresses): (
+            HashSet<ServiceHost>,
+            HashSet<(DefinitionKey, SocketAddr)>,
+        ) = {
+            let board = self.board.lock();
+            (self.running.iter())
+                .filter(|(key, _)| {
+                    board
+                        .get(key)
+                        .is_some_and(|h| h.state.readiness == Readiness::Ready)
+                })
+                .map(|(key, (spec, _))| {
+                    let address = (key.definition.key.clone(), spec.addr);
+                    (key.service_host(), address)
+                })
+                .unzip()
+        };
         self.running.retain(|key, (spec, task)| {
             let keep = wanted.get(key) == Some(spec);
             if !keep {

@@ -90,6 +90,28 @@ pub fn owner_reference(def: &Definition) -> Option<OwnerReference> {
     })
 }
 
+/// Whether a live Service has a selector: then its endpoints belong to the endpoints
+/// controller, and the daemon leaves it alone.
+pub fn has_selector(service: &Service) -> bool {
+    let selector = service.spec.as_ref().and_then(|s| s.selector.as_ref());
+    selector.is_some_and(|s| !s.is_empty())
+}
+
+/// The other daemon instance whose labels an object carries, if it is managed by one: two
+/// instances writing one object would overwrite each other forever.
+pub fn other_instance<'a>(
+    labels: Option<&'a BTreeMap<String, String>>,
+    instance: &str,
+) -> Option<&'a String> {
+    let labels = labels?;
+    let managed = labels
+        .get(MANAGED_BY_LABEL)
+        .is_some_and(|v| v == MANAGED_BY_VALUE);
+    labels
+        .get(INSTANCE_LABEL)
+        .filter(|i| managed && *i != instance)
+}
+
 /// Whether labels mark an object as written by this daemon instance and as one it may delete
 /// when its definition is gone. Objects from `ClusterEndpoint`s only once every cluster's objects
 /// have been listed (`objects_complete`): before that, a missing one may just not be known yet.

@@ -21,8 +21,8 @@ use tracing::{debug, info, instrument};
 use super::cluster::{Applied, ClusterStatus, SyncError};
 use crate::model::{API_VERSION, Definition, DefinitionKey, KIND};
 use crate::render::{
-    FIELD_MANAGER, INSTANCE_LABEL, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Objects, SERVICE_NAME_LABEL,
-    SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, pruneable,
+    FIELD_MANAGER, MANAGED_BY_LABEL, MANAGED_BY_VALUE, Objects, SERVICE_NAME_LABEL,
+    SLICE_CONTROLLER, SLICE_MANAGED_BY_LABEL, has_selector, other_instance, pruneable,
 };
 
 #[derive(Clone)]
@@ -150,7 +150,7 @@ impl Writer {
             return Ok(Synced::default());
         };
         let spec = live.spec.clone().unwrap_or_default();
-        if spec.selector.as_ref().is_some_and(|s| !s.is_empty()) {
+        if has_selector(&live) {
             return Err(SyncError::SelectorConflict(def.key.to_string()));
         }
         if needs_recreate(spec.cluster_ip.as_deref(), def.cluster_ip.as_deref()) {
@@ -169,15 +169,15 @@ impl Writer {
                 adopted: false,
             });
         }
-        let label = |key: &str| (live.metadata.labels.as_ref()).and_then(|l| l.get(key));
-        if label(MANAGED_BY_LABEL).is_some_and(|v| v == MANAGED_BY_VALUE) {
-            return match label(INSTANCE_LABEL) {
-                // Two daemons with different instances would overwrite each other forever.
-                Some(other) if *other != self.instance => {
-                    Err(SyncError::OtherInstance(def.key.to_string(), other.clone()))
-                }
-                _ => Ok(Synced::default()),
-            };
+        let labels = live.metadata.labels.as_ref();
+        if let Some(other) = other_instance(labels, &self.instance) {
+            return Err(SyncError::OtherInstance(def.key.to_string(), other.clone()));
+        }
+        if labels
+            .and_then(|l| l.get(MANAGED_BY_LABEL))
+            .is_some_and(|v| v == MANAGED_BY_VALUE)
+        {
+            return Ok(Synced::default());
         }
         // Apply never removes fields that another manager owns, such as the ports of a hand-made
         // Service: replace them outright, then drop every ownership record so the applies that
@@ -291,11 +291,12 @@ impl Writer {
         // labels of ours it still carries: only our slices go.
         let services: Api<Service> = Api::namespaced(self.client.clone(), &key.namespace);
         let live = services.get_opt(&key.name).await?;
-        let selector = live.and_then(|s| s.spec?.selector);
-        if selector.is_none_or(|s| s.is_empty()) {
-            self.delete_if_ours::<Service>(key, objects_complete)
+        if !live.as_ref().is_some_and(has_selector) {
+            self.delete_fetched_if_ours(&services, live, objects_complete)
                 .await?;
-            self.delete_if_ours::<Endpoints>(key, objects_complete)
+            let endpoints: Api<Endpoints> = Api::namespaced(self.client.clone(), &key.namespace);
+            let live = endpoints.get_opt(&key.name).await?;
+            self.delete_fetched_if_ours(&endpoints, live, objects_complete)
                 .await?;
         }
         self.prune_slices(key, &BTreeSet::new(), objects_complete)
@@ -304,27 +305,23 @@ impl Writer {
         Ok(())
     }
 
-    async fn delete_if_ours<K>(
+    /// Deletes `existing` (as fetched through `api`) if it carries this instance's labels.
+    async fn delete_fetched_if_ours<K>(
         &self,
-        key: &DefinitionKey,
+        api: &Api<K>,
+        existing: Option<K>,
         objects_complete: bool,
     ) -> Result<(), SyncError>
     where
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug,
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
     {
-        let api: Api<K> = Api::namespaced(self.client.clone(), &key.namespace);
-        let Some(existing) = api.get_opt(&key.name).await? else {
+        let Some(existing) = existing else {
             return Ok(());
         };
-        if pruneable(
-            existing.meta().labels.as_ref(),
-            &self.instance,
-            objects_complete,
-        ) {
-            api.delete(&key.name, &DeleteParams::default()).await?;
+        let labels = existing.meta().labels.as_ref();
+        if pruneable(labels, &self.instance, objects_complete) {
+            let name = existing.meta().name.clone().unwrap_or_default();
+            api.delete(&name, &DeleteParams::default()).await?;
             self.count_write();
         }
         Ok(())

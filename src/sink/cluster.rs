@@ -409,14 +409,13 @@ impl ClusterSink {
                 Err(refusal @ (SyncError::SelectorConflict(_) | SyncError::OtherInstance(..))) => {
                     let reason = refusal.to_string();
                     let mut known = false;
-                    self.update_status(|s| known = s.conflicts.get(&name) == Some(&reason));
+                    self.update_status(|s| {
+                        s.connected = Some(true);
+                        known = s.conflicts.insert(name, reason.clone()).as_ref() == Some(&reason);
+                    });
                     if !known {
                         warn!(cluster = %self.name, definition = %key, "{reason}");
                     }
-                    self.update_status(|s| {
-                        s.connected = Some(true);
-                        s.conflicts.insert(name, reason.clone());
-                    });
                     outcomes.insert(key.clone(), Outcome::Refused(reason));
                     let recheck = self.recheck.entry(key.clone()).or_default();
                     recheck.at = Instant::now() + recheck.backoff.next();
